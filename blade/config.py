@@ -1,0 +1,388 @@
+"""Typed configuration: one dataclass per component, loaded from commented YAML, `a.b=value` overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.steps=10", "logging.wandb=off"])
+
+YAML is data (safe loader, never executed). `inherit: other.yaml` deep-merges a file over another.
+Every user mistake raises ConfigError with one line naming the problem and the fix. The dataclass
+schema is frozen: other modules code against these names.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from blade.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"          # run directory: config.yaml, metrics.jsonl, checkpoints/
+    name: Optional[str] = None         # display name (wandb); defaults to the basename of dir
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2048
+    dim: int = 128                     # d_model
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2                # grouped-query attention: n_heads % n_kv_heads == 0
+    ffn_hidden: int = 352              # SwiGLU hidden size
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    loss_chunk_tokens: int = 2048      # tokens per chunk of the per-token cross-entropy
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/builtin/train"  # directory with manifest.json + .tar shards (training pool)
+    target: Optional[str] = "data/builtin/target"  # target set D_val the reference trains on
+    val: Optional[str] = "data/builtin/val"        # held-out evaluation set
+    shuffle: bool = True
+    num_workers: int = 0               # dataloader worker processes per rank
+    on_bad_shard: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200                   # optimizer steps of the proxy
+    seed: int = 1234
+    micro_batch_size: int = 8          # sequences per rank per micro-batch
+    grad_accum: int = 1                # micro-batches per optimizer step
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_interval: int = 50            # 0 = never
+    eval_batches: int = 4              # micro-batches of the val stream per evaluation
+    log_interval: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0             # 0 = off
+
+
+@dataclass
+class SelectionConfig:
+    strategy: Literal["full", "random", "rho1", "blade"] = "blade"
+    gamma: float = 0.6                 # keep ratio: top ceil(gamma * n_valid) tokens of the global batch
+    tau: int = 50                      # blade: re-sync the reference from the proxy every tau steps
+    k_ref_steps: int = 15              # blade: reference steps after each sync (K)
+    rho1_ref_steps: int = 50           # rho1: steps training the static reference once (K0)
+    lam: float = 1.0                   # lambda: weight of the masked train-pool term in the reference loss
+    eta: float = 1.0                   # Frank-Wolfe step: weights (1-eta)*gamma + eta*mask; 1 = hard mask
+    warmup_full_ce_steps: int = 0      # plain CE on all tokens before the first selection
+    ref_precision: Literal["same", "bf16"] = "same"
+    ref_offload: bool = False          # ZeRO-3: keep the reference's parameters on the CPU
+    diag_interval: int = 25            # steps between score histograms / dist_u_w / per-source rates; 0 = off
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0                  # steps between checkpoints; 0 = only at syncs (if any) and the end
+    resume: str = "none"               # none | auto | PATH
+    keep_last_n: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["off", "offline", "online"] = "offline"
+    wandb_project: str = "blade"
+    progress: bool = True              # console progress bar on rank 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    overlap_comm: bool = False
+    extra: dict = field(default_factory=dict)  # raw DeepSpeed keys, deep-merged last (escape hatch)
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: int = 300
+    threads_per_rank: int = 0          # 0 = cores // local ranks
+
+
+@dataclass
+class BladeConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# ----------------------------------------------------------------------------- YAML reading
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load, except that `1e-3` is a float (YAML 1.1 wants `1.0e-3` and yields a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
+    """Load one file, resolving `inherit:` (relative to the file) first; `chain` detects cycles."""
+    real = os.path.realpath(path)
+    if real in [os.path.realpath(p) for p in chain]:
+        raise ConfigError(f"config error: inherit cycle: {' -> '.join(chain + (path,))}")
+    if not os.path.isfile(path):
+        by = f" (inherited by '{chain[-1]}')" if chain else ""
+        raise ConfigError(f"config error: config file '{path}' not found{by}")
+    try:
+        with open(path, "rb") as f:  # bytes: YAML detects the encoding and reports bad characters
+            data = yaml.load(f, Loader=_Loader)
+    except OSError as e:
+        raise ConfigError(f"config error: cannot read config file '{path}' ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config error: invalid YAML in '{path}'{where}: {what}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: '{path}' must hold a mapping of sections, "
+                          f"got {type(data).__name__}")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"config error: inherit in '{path}' must be a file name, got {parent!r}")
+    base = _read_yaml(os.path.join(os.path.dirname(path), parent), chain + (path,))
+    return _merge(base, data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in `over` replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    """`section.key=value` (value read as YAML); deeper keys reach into free-form dicts."""
+    key, eq, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not eq or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"config error: override '{override}' must look like key.sub=value")
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config error: override '{override}': value is not valid YAML ({what})") \
+            from None
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):  # absent, empty, or a scalar (the type check rejects)
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- strict conversion
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               dict: "a mapping"}
+
+
+def _unknown(kind: str, name: str, valid: list[str], prefix: str = "") -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid {kind}s: {', '.join(valid)}"
+    return ConfigError(f"config error: unknown {kind} '{prefix}{name}' ({hint})")
+
+
+def _check(name: str, value, tp):
+    """Return `value` if it has type `tp` (int widens to float), else raise a one-line ConfigError."""
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
+        if value not in choices:
+            raise ConfigError(f"config error: {name} must be one of {', '.join(map(str, choices))}; "
+                              f"got {value!r}")
+        return value
+    if get_origin(tp) is Union:  # Optional[X]
+        if value is None:
+            return None
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
+        raise ConfigError(f"config error: {name} must be {_TYPE_NAMES[tp]}, "
+                          f"got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _section(name: str, cls, raw) -> object:
+    if raw is None:  # a section header with every key commented out
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: {name} must be a mapping of keys, "
+                          f"got {raw!r} ({type(raw).__name__})")
+    hints = get_type_hints(cls)
+    for key in raw:
+        if key not in hints:
+            raise _unknown("key", str(key), list(hints), prefix=f"{name}.")
+    return cls(**{k: _check(f"{name}.{k}", v, hints[k]) for k, v in raw.items()})
+
+
+def _from_dict(raw: dict) -> BladeConfig:
+    hints = get_type_hints(BladeConfig)
+    for name in raw:
+        if name not in hints:
+            raise _unknown("section", str(name), list(hints))
+    return BladeConfig(**{name: _section(name, hints[name], sec) for name, sec in raw.items()})
+
+
+# ----------------------------------------------------------------------------- validation
+
+_RULES = {
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
+    "> 0": lambda v: v > 0,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "one of 0, 1, 2, 3": lambda v: v in (0, 1, 2, 3),
+}
+
+_RANGES = {
+    "model.vocab_size": ">= 2", "model.dim": ">= 1", "model.n_layers": ">= 1",
+    "model.n_heads": ">= 1", "model.n_kv_heads": ">= 1", "model.ffn_hidden": ">= 1",
+    "model.max_seq_len": ">= 1", "model.rope_theta": "> 0", "model.norm_eps": "> 0",
+    "model.dropout": "in [0, 1)", "model.init_std": "> 0", "model.loss_chunk_tokens": ">= 1",
+    "data.num_workers": ">= 0",
+    "train.steps": ">= 1", "train.seed": ">= 0", "train.micro_batch_size": ">= 1",
+    "train.grad_accum": ">= 1", "train.eval_interval": ">= 0", "train.eval_batches": ">= 1",
+    "train.log_interval": ">= 1",
+    "optim.lr": "> 0", "optim.min_lr_ratio": "in [0, 1]", "optim.warmup_steps": ">= 0",
+    "optim.weight_decay": ">= 0", "optim.beta1": "in [0, 1)", "optim.beta2": "in [0, 1)",
+    "optim.eps": "> 0", "optim.grad_clip": ">= 0",
+    "selection.gamma": "in (0, 1]", "selection.tau": ">= 1", "selection.k_ref_steps": ">= 0",
+    "selection.rho1_ref_steps": ">= 0", "selection.lam": ">= 0", "selection.eta": "in [0, 1]",
+    "selection.warmup_full_ce_steps": ">= 0", "selection.diag_interval": ">= 0",
+    "checkpoint.interval": ">= 0", "checkpoint.keep_last_n": ">= 1",
+    "deepspeed.zero_stage": "one of 0, 1, 2, 3",
+    "dist.timeout_s": ">= 1", "dist.threads_per_rank": ">= 0",
+}
+
+
+def validate(cfg: BladeConfig) -> None:
+    """Range and consistency checks on a typed config (file paths: see check_paths)."""
+    for name, rule in _RANGES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if not _RULES[rule](value):
+            raise ConfigError(f"config error: {name} must be {rule}, got {value}")
+    m = cfg.model
+    if m.dim % m.n_heads:
+        raise ConfigError(f"config error: model.dim ({m.dim}) must be divisible by "
+                          f"model.n_heads ({m.n_heads})")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"config error: head size model.dim / model.n_heads = {m.dim // m.n_heads} "
+                          f"must be even (RoPE rotates pairs of dimensions)")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"config error: model.n_heads ({m.n_heads}) must be divisible by "
+                          f"model.n_kv_heads ({m.n_kv_heads})")
+    resume = cfg.checkpoint.resume
+    if resume not in ("none", "auto") and not os.path.isdir(resume):
+        raise ConfigError(f"config error: checkpoint.resume: no checkpoint at '{resume}' "
+                          f"(use auto, none or an existing checkpoint directory)")
+
+
+def check_paths(cfg: BladeConfig) -> None:
+    """Data directories must exist and hold manifest.json (target/val may be null)."""
+    for key in ("train", "target", "val"):
+        path = getattr(cfg.data, key)
+        if path is None and key != "train":
+            continue
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise ConfigError(f"config error: data.{key}: no manifest.json in '{path}' "
+                              f"(run `blade prepare` first, or fix the path)")
+
+
+# ----------------------------------------------------------------------------- public API
+
+def load_config(path: str | None, overrides: list[str] = ()) -> BladeConfig:
+    """Defaults <- YAML file (with its inherit chain) <- `section.key=value` overrides, validated."""
+    raw = _read_yaml(path) if path is not None else {}
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = _from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: BladeConfig) -> dict:
+    return asdict(cfg)
+
+
+def dump_config(cfg: BladeConfig, path: str) -> None:
+    """Write the resolved config as YAML (load_config reads it back to an equal config)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def describe_layout(cfg: BladeConfig, world_size: int, seq_len: int) -> str:
+    """Dry-run summary: world layout, batch size, token budget and the selection schedule."""
+    t, s = cfg.train, cfg.selection
+    seqs = t.micro_batch_size * world_size * t.grad_accum
+    tokens = seqs * seq_len
+    seen = t.steps * tokens
+    lines = [
+        f"world:    {world_size} rank{'s' * (world_size != 1)} x micro-batch {t.micro_batch_size} "
+        f"x grad accum {t.grad_accum}",
+        f"batch:    {seqs:,} sequences x seq_len {seq_len} = {tokens:,} tokens per step",
+    ]
+    if s.strategy == "full":
+        lines.append(f"budget:   {t.steps:,} steps -> {seen:,} tokens seen, all trained")
+        lines.append("strategy: full (plain cross-entropy on every token)")
+        return "\n".join(lines)
+    warm = min(s.warmup_full_ce_steps, t.steps)
+    trained = round(tokens * (warm + (t.steps - warm) * s.gamma))
+    after = f" after {warm} full-CE steps" if warm else ""
+    lines.append(f"budget:   {t.steps:,} steps -> {seen:,} tokens seen, ~{trained:,} trained "
+                 f"(gamma {s.gamma}{after})")
+    if s.strategy == "random":
+        lines.append(f"strategy: random (keep a random gamma={s.gamma} of tokens)")
+    elif s.strategy == "rho1":
+        lines.append(f"strategy: rho1 (gamma {s.gamma}; static reference trained once for "
+                     f"K0={s.rho1_ref_steps} steps)")
+    else:
+        syncs = math.ceil(t.steps / s.tau)
+        lines.append(f"strategy: blade (gamma {s.gamma}; reference re-synced every tau={s.tau} steps, "
+                     f"then K={s.k_ref_steps} reference steps)")
+        lines.append(f"syncs:    {syncs} reference syncs (ceil({t.steps} / {s.tau})), "
+                     f"{syncs * s.k_ref_steps:,} reference steps")
+    return "\n".join(lines)

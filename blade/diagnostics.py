@@ -1,0 +1,98 @@
+"""What the selection did: per-source and per-label selection rates, score histograms (paper Fig. 3),
+and sample sequences with their masks for `blade inspect`.
+
+Counts accumulate locally every step and are all-reduced only when a diagnostics record is written,
+so the per-step cost is a couple of bincounts.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+HIST_BINS = 40
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+class SelectionDiagnostics:
+    def __init__(self, source_names: list[str], label_names: list[str], run_dir: str, world):
+        self.sources = list(source_names)
+        self.labels = ["none"] + list(label_names)  # label id 0 = unlabelled
+        self.run_dir, self.world = run_dir, world
+        shape = (2, len(self.sources)), (2, len(self.labels))  # rows: selected, total
+        self.window = [torch.zeros(s, dtype=torch.float64) for s in shape]
+        self.run_total = [torch.zeros(s, dtype=torch.float64) for s in shape]
+        self.hist = None
+        self.last_score_mean = float("nan")
+
+    def due(self, step: int, cfg) -> bool:
+        interval = cfg.selection.diag_interval
+        return bool(interval) and ((step + 1) % interval == 0 or step == cfg.train.steps - 1)
+
+    def observe(self, step: int, mask: torch.Tensor, mbs: list, cfg, score: torch.Tensor | None = None):
+        """Count selected/total tokens per source and label; histogram the scores on diag steps."""
+        valid = torch.stack([mb.valid.flatten() for mb in mbs])
+        for acc, key in zip(self.window, ("sources", "labels")):
+            ids = torch.stack([getattr(mb, key).flatten() for mb in mbs])[valid].long()
+            n = acc.shape[1]
+            acc[0] += torch.bincount(ids, weights=mask[valid].double(), minlength=n)[:n]
+            acc[1] += torch.bincount(ids, minlength=n)[:n].double()
+        if score is None:
+            return
+        s = score[valid].float()
+        mean = _all_reduce(torch.tensor([float(s.sum()), float(s.numel())], dtype=torch.float64))
+        self.last_score_mean = float(mean[0] / mean[1].clamp_min(1))
+        if self.due(step, cfg):
+            self.hist = self._histogram(s)
+            if self.world.is_main:
+                self._save_sample(step, mbs[0], mask[0], score[0])
+
+    def _histogram(self, s: torch.Tensor) -> dict:
+        big = torch.finfo(torch.float32).max
+        lo = _all_reduce(torch.tensor([float(s.min()) if s.numel() else big]), dist.ReduceOp.MIN)
+        hi = _all_reduce(torch.tensor([float(s.max()) if s.numel() else -big]), dist.ReduceOp.MAX)
+        lo, hi = float(lo), float(hi)
+        hi = hi if hi > lo else lo + 1.0
+        counts = _all_reduce(torch.histc(s, bins=HIST_BINS, min=lo, max=hi).double())
+        edges = torch.linspace(lo, hi, HIST_BINS + 1)
+        return {"edges": [round(e, 5) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
+
+    def _save_sample(self, step: int, mb, mask: torch.Tensor, score: torch.Tensor) -> None:
+        T = mb.inputs.shape[1]
+        record = {"step": step, "inputs": mb.inputs[0].tolist(), "targets": mb.targets[0].tolist(),
+                  "labels": mb.labels[0].tolist(), "selected": mask[:T].int().tolist(),
+                  "score": [round(x, 4) for x in score[:T].float().tolist()]}
+        with open(os.path.join(self.run_dir, "samples.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _rates(self, counts: list[torch.Tensor]) -> dict:
+        out = {}
+        for names, c, key in zip((self.sources, self.labels), counts, ("by_source", "by_label")):
+            out[key] = {name: {"selected": int(c[0, i]), "total": int(c[1, i]),
+                               "rate": float(c[0, i] / c[1, i]) if c[1, i] > 0 else None}
+                        for i, name in enumerate(names)}
+        return out
+
+    def flush(self, step: int) -> dict:
+        """The diagnostics record for the window that ends at `step` (a collective: all ranks call it)."""
+        window = [_all_reduce(w.clone()) for w in self.window]
+        for total, w in zip(self.run_total, window):
+            total += w
+        for w in self.window:
+            w.zero_()
+        record = {"kind": "diag", "step": step, **self._rates(window)}
+        if self.hist is not None:
+            record["score_hist"], self.hist = self.hist, None
+        return record
+
+    def totals(self) -> dict:
+        """Selection rates over the whole run (the run_total is already global)."""
+        pending = [_all_reduce(w.clone()) for w in self.window]
+        return self._rates([t + p for t, p in zip(self.run_total, pending)])

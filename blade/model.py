@@ -1,0 +1,248 @@
+"""Llama-style decoder (RMSNorm, grouped-query attention with RoPE, SwiGLU) in plain torch.
+
+The forward returns the per-token cross-entropy, not logits: data selection scores every token, and
+the loss is computed in chunks so that full-vocabulary logits of the whole batch never exist at once.
+RoPE uses the Hugging Face Llama "rotate half" layout, so HF Llama checkpoints load without permuting
+wq/wk.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from blade.config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `h @ weight.T` against `targets`, `chunk` rows at a time.
+
+    apply(h [N, D], weight [V, D], targets [N], chunk) -> loss [N], 0 where targets == IGNORE_INDEX.
+    Logits are computed in fp32 (fp64 for fp64 inputs) whatever the input dtype. Only h, weight,
+    targets and the per-row logsumexp are saved; backward recomputes each chunk's logits, so peak
+    memory is one [chunk, V] block (plus an fp32 copy of a low-precision weight) in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        acc = torch.promote_types(h.dtype, torch.float32)
+        w = weight.to(acc)
+        valid = targets != IGNORE_INDEX
+        safe = targets.masked_fill(~valid, 0)
+        lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        loss = torch.empty_like(lse)
+        for s in range(0, h.shape[0], chunk):
+            logits = h[s:s + chunk].to(acc) @ w.t()
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            loss[s:s + chunk] = lse[s:s + chunk] - logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk = chunk
+        return loss.masked_fill_(~valid, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        h, weight, targets, lse = ctx.saved_tensors
+        acc, chunk = lse.dtype, ctx.chunk
+        w = weight.to(acc)
+        valid = targets != IGNORE_INDEX
+        safe = targets.masked_fill(~valid, 0)
+        scale = torch.where(valid, grad_loss.to(acc), 0.0)  # ignored rows get a zero gradient
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], chunk):
+            h_c = h[s:s + chunk].to(acc)
+            g = (h_c @ w.t()).sub_(lse[s:s + chunk, None]).exp_()  # softmax
+            g[torch.arange(g.shape[0], device=g.device), safe[s:s + chunk]] -= 1.0  # - onehot
+            g.mul_(scale[s:s + chunk, None])
+            if grad_h is not None:
+                grad_h[s:s + chunk] = g @ w
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h_c)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin of shape [max_seq_len, head_dim]; frequencies concatenated twice (HF Llama layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, head_dim] by position; cos/sin are [T, head_dim]."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalise in fp32, as HF Llama does
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:  # K/V head j serves query heads j*rep .. j*rep+rep-1 (HF repeat_kv)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)  # down
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LMHead(nn.Module):
+    """Output projection; its forward computes the chunked per-token loss (or logits without targets).
+
+    The loss must run inside this module's forward: ZeRO-3 gathers a parameter only in the pre-forward
+    hook of a module that owns it, and re-gathers it for backward through hooks on that module's
+    outputs. With tied embeddings `weight` is the embedding's nn.Parameter itself, registered in both
+    modules (the pattern ZeRO-3 supports for HF tied heads); `Module.parameters()` yields it once.
+    """
+
+    def __init__(self, weight: nn.Parameter, chunk: int):
+        super().__init__()
+        self.weight = weight
+        self.chunk = chunk
+
+    def forward(self, h, targets=None):
+        if targets is None:
+            return F.linear(h, self.weight)
+        loss = ChunkedCrossEntropy.apply(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1),
+                                         self.chunk)
+        return loss.view(targets.shape)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads or (cfg.dim // cfg.n_heads) % 2:
+            raise ValueError(f"need dim % n_heads == 0, n_heads % n_kv_heads == 0 and an even head_dim; "
+                             f"got dim={cfg.dim}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}")
+        if cfg.loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be >= 1, got {cfg.loss_chunk_tokens}")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        head_weight = (self.tok_emb.weight if cfg.tie_embeddings
+                       else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim)))
+        self.lm_head = LMHead(head_weight, cfg.loss_chunk_tokens)
+        # fp32 tables; a bf16 cast of the whole model rounds them as HF's cast at use would
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """normal(0, init_std); wo and w2 scaled by 1/sqrt(2 * n_layers) (GPT-2); RMSNorm weights 1.
+
+        Under deepspeed.zero.Init the parameters are already partitioned (empty) here, so each one is
+        gathered, set from rank 0's RNG and re-partitioned: the weights equal a plain build's.
+        """
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            with _gathered(p):
+                if name.endswith("norm.weight"):
+                    nn.init.ones_(p)
+                elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+                    nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+                else:
+                    nn.init.normal_(p, 0.0, std)
+
+    def _hidden(self, tokens):
+        T = tokens.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.tok_emb(tokens)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, tokens, targets):
+        """tokens, targets: LongTensor [B, T] -> per-token cross-entropy [B, T] (fp32; 0 where ignored)."""
+        return self.lm_head(self._hidden(tokens), targets)
+
+    def logits(self, tokens):
+        """Full logits [B, T, V] (materialised: for inspection and tests)."""
+        return self.lm_head(self._hidden(tokens))
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Unique parameter count (ZeRO-3 aware); exclude_embedding drops the token-embedding matrix."""
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        if exclude_embedding:
+            n -= getattr(self.tok_emb.weight, "ds_numel", self.tok_emb.weight.numel())
+        return n
+
+
+def _gathered(p: nn.Parameter):
+    """Context in which a ZeRO-3 partitioned parameter is whole and rank 0's changes are kept."""
+    if not hasattr(p, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(p, modifier_rank=0)

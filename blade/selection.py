@@ -1,0 +1,238 @@
+"""Token selection: the exact global top-k (BLADE's Frank-Wolfe oracle) and the baselines.
+
+Every rank holds M micro-batches of N local token scores. The block is the whole global batch, in
+the GLOBAL order: micro-batch major, then rank, then local index, i.e. global position
+`(m * world + rank) * N + i`. `global_topk_mask` keeps exactly the k tokens that
+`torch.sort(concat, descending=True, stable=True)` of the valid scores concatenated in that order
+would keep (largest first, ties to the lower position), exchanging only small tensors:
+
+1. one all-reduce: n_valid and the number of non-finite scores;
+2. four all-reduces of a 256-bin histogram: a radix select, 8 bits a round, over an
+   order-preserving uint32 key of the float32 score, finds the k-th largest key exactly;
+3. at most one all-reduce of the [M * world] counts of keys equal to that threshold, which tells
+   each (micro-batch, rank) how many of its ties to keep.
+
+Hence at most MAX_ROUNDS collectives per call, whatever the batch size and the world size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+MAX_ROUNDS = 6  # 1 (counts) + 4 (radix digits) + 1 (ties)
+_RADIX_SHIFTS = (24, 16, 8, 0)
+
+
+@dataclass(frozen=True)
+class TopkStats:
+    """What one selection did; the same on every rank but n_local."""
+
+    k: int            # tokens asked for
+    n_valid: int      # valid tokens in the global batch
+    n_selected: int   # tokens kept in the global batch: min(k, n_valid)
+    n_local: int      # tokens kept on this rank
+    threshold: float  # the k-th largest score (the smallest kept); nan when nothing is kept
+    rounds: int       # collectives used (counted also in a world of one, where they are no-ops)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _world(group) -> tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
+    if _world(group)[1] > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def global_sum(x: float | torch.Tensor, group=None) -> float:
+    """Sum of one scalar over the ranks of `group` (float64)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to(torch.float64).sum().reshape(1)
+    else:
+        on_gpu = _world(group)[1] > 1 and dist.get_backend(group) == "nccl"
+        t = torch.tensor([float(x)], dtype=torch.float64,
+                         device=torch.cuda.current_device() if on_gpu else "cpu")
+    return float(_all_reduce(t, group).item())
+
+
+# ----------------------------------------------------------------------------- exact top-k
+
+
+def _sortable_key(scores: torch.Tensor) -> torch.Tensor:
+    """float32 -> uint32 (held in int64) in the same order: flip all bits of negatives, the sign
+    bit of the others. -0.0 becomes +0.0 first, so that they tie as in a sort. Every finite score
+    maps above 0x007FFFFF (0 itself is a NaN pattern)."""
+    x = scores.float().masked_fill(scores == 0, 0.0)
+    i = x.view(torch.int32)
+    # i >> 31 is -1 for negatives: flip their 31 low bits; then + 2^31 (as unsigned) flips the sign
+    return (i ^ ((i >> 31) & 0x7FFFFFFF)).to(torch.int64) + 0x80000000
+
+
+def _key_to_float(key: int) -> float:
+    bits = key ^ 0x80000000 if key & 0x80000000 else key ^ 0xFFFFFFFF
+    signed = bits - (1 << 32) if bits & 0x80000000 else bits
+    return torch.tensor([signed], dtype=torch.int32).view(torch.float32).item()
+
+
+def _pick_bin(hist: list[int], rest: int) -> tuple[int, int]:
+    """Bin holding the rest-th largest key, and its rank (1-based) inside that bin."""
+    for b in range(255, -1, -1):
+        if rest <= hist[b]:
+            return b, rest
+        rest -= hist[b]
+    raise AssertionError("radix select: fewer candidates than k")  # n_valid >= k rules this out
+
+
+def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int], int],
+                 group) -> tuple[torch.Tensor, TopkStats]:
+    """The top-k with k = k_of(n_valid), n_valid known only after the first all-reduce."""
+    if scores.dim() < 2 or scores.shape != valid.shape:
+        raise ValueError(f"selection: scores {tuple(scores.shape)} and valid "
+                         f"{tuple(valid.shape)} must both be [M, N, ...]")
+    shape = scores.shape
+    scores, valid = scores.reshape(shape[0], -1), valid.reshape(shape[0], -1).bool()
+    rank, world = _world(group)
+    device = scores.device
+
+    counts = torch.stack([valid.sum(), (valid & ~torch.isfinite(scores)).sum()])
+    n_valid, n_bad = _all_reduce(counts, group).tolist()
+    rounds = 1
+    if n_bad:
+        raise ValueError(f"selection: {n_bad} non-finite scores (NaN/Inf) in the global batch; "
+                         "check the losses (bf16 overflow?) or enable the NaN guard")
+    k = k_of(n_valid)
+    if k < 0:
+        raise ValueError(f"selection: k must be >= 0, got {k}")
+    n_selected = min(k, n_valid)
+
+    def stats(mask: torch.Tensor, threshold: float) -> TopkStats:
+        return TopkStats(k, n_valid, n_selected, int(mask.sum()), threshold, rounds)
+
+    if n_selected == 0:
+        mask = torch.zeros_like(valid)
+        return mask.reshape(shape), stats(mask, math.nan)
+    if n_selected == n_valid:  # everything valid; one more round only to report the threshold
+        local_min = scores[valid].float().min() if valid.any() else torch.tensor(math.inf)
+        low = _all_reduce(local_min.reshape(1).to(device), group, dist.ReduceOp.MIN)
+        rounds += 1
+        return valid.reshape(shape).clone(), stats(valid, low.item())
+
+    key = _sortable_key(scores).masked_fill_(~valid, 0)  # invalid: below every finite score
+    candidates = key.flatten()  # shrinks each round to the keys matching the prefix found so far
+    prefix, rest = 0, n_selected
+    for shift in _RADIX_SHIFTS:
+        digit = (candidates >> shift) & 0xFF
+        hist = _all_reduce(torch.bincount(digit, minlength=256), group).tolist()
+        rounds += 1
+        b, rest = _pick_bin(hist, rest)
+        prefix = (prefix << 8) | b
+        candidates = candidates[digit == b]
+    n_tied = hist[b]  # global count of keys equal to the threshold; `rest` of them are kept
+
+    mask, tied = key > prefix, key == prefix
+    if rest == n_tied:
+        mask |= tied
+    else:  # hand the `rest` kept ties out in global order: (micro-batch, rank), then local index
+        per_block = torch.zeros(shape[0], world, dtype=torch.int64, device=device)
+        per_block[:, rank] = tied.sum(1)
+        per_block = _all_reduce(per_block.flatten(), group)
+        rounds += 1
+        before = per_block.cumsum(0) - per_block
+        quota = (rest - before).clamp(min=0).minimum(per_block).view(shape[0], world)[:, rank]
+        mask |= tied & (tied.cumsum(1) <= quota[:, None])
+    return mask.reshape(shape), stats(mask, _key_to_float(prefix))
+
+
+def global_topk_mask(scores: torch.Tensor, valid: torch.Tensor, k: int,
+                     group=None) -> tuple[torch.Tensor, TopkStats]:
+    """Exact top-k of the valid scores [M, N] of all ranks (k > n_valid keeps all valid tokens).
+
+    [M, B, T] is flattened to [M, B * T]. Scores may be fp32/bf16/fp16; M must be the same on every
+    rank. Raises ValueError on every
+    rank alike if any valid score is NaN/Inf.
+    """
+    return _global_topk(scores, valid, lambda n_valid: k, group)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def keep_count(gamma: float, n_valid: int) -> int:
+    """ceil(gamma * n_valid) in exact arithmetic on gamma's decimal form (0.6 * 5 -> 3, not 4)."""
+    g = gamma if isinstance(gamma, Fraction) else Fraction(repr(float(gamma)))
+    if not 0 <= g <= 1:
+        raise ValueError(f"selection: keep ratio gamma must be in [0, 1], got {gamma}")
+    return math.ceil(g * n_valid)
+
+
+def select_full(valid: torch.Tensor, group=None) -> tuple[torch.Tensor, TopkStats]:
+    """Every valid token (the `full` baseline)."""
+    n_valid = int(global_sum(valid.sum(), group))
+    n_local = int(valid.sum())
+    return valid.bool().clone(), TopkStats(n_valid, n_valid, n_valid, n_local, math.nan, 1)
+
+
+def _generator_seed(seed: int, step: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + step) % (1 << 63)
+
+
+def select_random(valid: torch.Tensor, gamma: float, seed: int, step: int,
+                  group=None) -> tuple[torch.Tensor, TopkStats]:
+    """A uniformly random ceil(gamma * n_valid) of the valid tokens (the `random` baseline).
+
+    Token keys depend only on (seed, step, global position): every rank draws the keys of the
+    whole global batch and keeps its slice, so the selection does not depend on the world size.
+    Cost: one draw of M * world * N floats per rank. (float32 keys may tie, rarely; ties go to
+    the lower position, a negligible bias.)
+    """
+    rank, world = _world(group)
+    m, n = valid.shape[0], valid[0].numel()
+    gen = torch.Generator().manual_seed(_generator_seed(seed, step))
+    keys = torch.rand(m, world, n, generator=gen)[:, rank].reshape(valid.shape)
+    return _global_topk(keys.to(valid.device), valid, lambda nv: keep_count(gamma, nv), group)
+
+
+def select_by_score(scores: torch.Tensor, valid: torch.Tensor, gamma: float,
+                    group=None) -> tuple[torch.Tensor, TopkStats]:
+    """The top ceil(gamma * n_valid) scores of the global batch (`rho1` and `blade`)."""
+    return _global_topk(scores, valid, lambda nv: keep_count(gamma, nv), group)
+
+
+def frank_wolfe_weights(mask: torch.Tensor, valid: torch.Tensor, gamma: float,
+                        eta: float) -> torch.Tensor:
+    """Soft Frank-Wolfe step from the uniform point gamma: (1 - eta) * gamma + eta * mask on valid
+    tokens, 0 elsewhere (eta = 1 gives the hard mask)."""
+    alpha = (1.0 - eta) * gamma + eta * mask.float()
+    return torch.where(valid.bool(), alpha, torch.zeros_like(alpha))
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def masked_mean_loss_scale(losses: Sequence[torch.Tensor], weights: torch.Tensor | Sequence,
+                           total_weight: float, world_size: int) -> list[torch.Tensor]:
+    """Per-micro-batch losses whose gradients add up to that of the global weighted mean.
+
+    losses[m] holds this rank's per-token losses of micro-batch m (any shape with weights[m].numel()
+    elements); total_weight is W = the sum of all weights over all ranks and micro-batches. Returns
+    L[m] = (losses[m] * weights[m]).sum() * world_size / W. The trainer calls
+    `engine.backward(L[m], scale_wrt_gas=False)` for every m (gradients add up over micro-batches,
+    no 1/M) and DeepSpeed averages gradients over the world_size data-parallel ranks (1/world), so
+    the step uses (1/world) * sum_ranks sum_m grad L[m] = grad of sum(w * l) / W over the global
+    batch. With W == 0 (nothing selected) the losses are zeros that still carry the graph.
+    """
+    scale = world_size / total_weight if total_weight > 0 else 0.0
+    return [(loss.float() * w.reshape(loss.shape).float()).sum() * scale
+            for loss, w in zip(losses, weights, strict=True)]

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The quickstart: install, build the built-in corpus (no download), train BLADE on 2 local CPU ranks.
+# Extra arguments are config overrides, e.g. launch/quickstart.sh train.steps=40
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/install.sh
+[ -f data/builtin/train/manifest.json ] || .venv/bin/blade prepare --builtin data/builtin
+launch/local.sh "${RANKS:-2}" -c configs/quickstart.yaml "$@"

@@ -1,0 +1,27 @@
+"""blade: distributed LLM pretraining on DeepSpeed with online token-level data selection (BLADE).
+
+torch is not pinned here: GPU clusters bring their own build. On a CPU machine install
+`torch==2.13.0` first (tools/install.sh does), or pip resolves a multi-GB CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="blade",
+    version="0.1.0",
+    description="Distributed LLM pretraining with online token-level data selection (BLADE) on DeepSpeed",
+    packages=find_packages(include=["blade", "blade.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "sentencepiece>=0.2",
+        "webdataset>=0.2",
+        "wandb>=0.17",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "matplotlib>=3.7",
+        "safetensors>=0.4",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["blade=blade.cli:main"]},
+)

@@ -1,0 +1,151 @@
+"""Twin DeepSpeed engines: derived DeepSpeed config, reference sync by local partition copy, Dist(u, w),
+and the proxy's ZeRO-3 gradient against a single-process plain-torch gradient."""
+import math
+
+import pytest
+import torch
+
+from blade import engines
+from blade.config import load_config
+from tests.conftest import TINY
+from tests.dist_harness import run_distributed
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "broadcast",
+               "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single",
+               "reduce", "barrier", "send", "recv", "isend", "irecv")
+
+
+def _cfg(*overrides):
+    return load_config(TINY, ["model.vocab_size=64", "model.dim=32", "model.ffn_hidden=64",
+                              "model.max_seq_len=16", "train.micro_batch_size=2", *overrides])
+
+
+def test_deepspeed_config_is_derived():
+    cfg = _cfg("train.grad_accum=3", "train.precision=bf16", "deepspeed.zero_stage=2",
+               "deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000}, wall_clock_breakdown: true}")
+    ds = engines.deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 2 * 3 * 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # escape hatch, merged deep
+    assert ds["zero_optimization"]["contiguous_gradients"] is True
+    assert ds["wall_clock_breakdown"] is True
+
+
+def test_lr_schedule():
+    cfg = _cfg("optim.lr=1.0", "optim.warmup_steps=4", "optim.min_lr_ratio=0.1", "train.steps=14")
+    assert [engines.lr_at(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert engines.lr_at(cfg, 4) == pytest.approx(1.0)
+    assert engines.lr_at(cfg, 9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert engines.lr_at(cfg, 14) == pytest.approx(0.1)
+
+
+def _batch(cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, 16), generator=g)
+    y = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, 16), generator=g)
+    return x, y
+
+
+def _gathered(engine):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def _sync_case(rank, world, stage, precision):
+    import torch.distributed as dist
+
+    cfg = _cfg(f"deepspeed.zero_stage={stage}", f"train.precision={precision}")
+    P = engines.build_engine(cfg, world, seed=1, schedule=True)
+    R = engines.build_engine(cfg, world, seed=2, schedule=False)   # different init: sync must fix it
+    for step in range(2):  # both have optimizer state and left-over gathered params
+        for engine in (P, R):
+            x, y = _batch(cfg, 10 * step + rank)
+            engine.backward(engine(x, y).mean())
+            engine.step()
+        with torch.no_grad():
+            R(*_batch(cfg, 99))
+    calls = []
+    originals = {n: getattr(dist, n) for n in COLLECTIVES if hasattr(dist, n)}
+    for n, fn in originals.items():
+        setattr(dist, n, lambda *a, _n=n, _fn=fn, **k: (calls.append(_n), _fn(*a, **k))[1])
+    try:
+        engines.sync_reference(P, R)
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+    moments_zero = all(float(v.abs().sum()) == 0 for s in engines.base_optimizer(R).state.values()
+                       for v in s.values() if torch.is_tensor(v))
+    equal_after_sync = all(torch.equal(a, b) for a, b in zip(_gathered(P), _gathered(R)))
+    dist_after_sync = engines.relative_distance(P, R, world)
+    engines.set_lr(R, 0.0)   # the stale-master trap: a step must not bring the old weights back
+    x, y = _batch(cfg, 7 + rank)
+    R.backward(R(x, y).mean())
+    R.step()
+    equal_after_step = all(torch.equal(a, b) for a, b in zip(_gathered(P), _gathered(R)))
+    return calls, moments_zero, equal_after_sync, equal_after_step, dist_after_sync
+
+
+@pytest.mark.parametrize("stage,precision", [(3, "fp32"), (3, "bf16"), (2, "fp32"), (1, "fp32"),
+                                             (0, "fp32"), (0, "bf16")])
+def test_sync_copies_local_partitions_exactly(stage, precision):
+    for calls, moments_zero, after_sync, after_step, d in run_distributed(
+            _sync_case, 2, args=(stage, precision), deepspeed=True):
+        assert calls == [], f"sync used collectives: {calls}"
+        assert moments_zero
+        assert after_sync and d == 0.0
+        assert after_step
+
+
+def _distance_case(rank, world):
+    cfg = _cfg()
+    P = engines.build_engine(cfg, world, seed=1, schedule=True)
+    R = engines.build_engine(cfg, world, seed=2, schedule=False)
+    u, w = _gathered(P), _gathered(R)
+    expected = math.sqrt(sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(u, w))) / \
+        math.sqrt(sum(float(a.double().pow(2).sum()) for a in u))
+    return engines.relative_distance(P, R, world), expected
+
+
+def test_relative_distance_matches_gathered():
+    for got, expected in run_distributed(_distance_case, 2, deepspeed=True):
+        assert got == pytest.approx(expected, rel=1e-9)
+
+
+def _grad_case(rank, world, tie):
+    """ZeRO-3 gradient of the global masked mean vs plain torch on the concatenated batch."""
+    import deepspeed
+
+    from blade import selection
+    from blade.model import Transformer
+
+    cfg = _cfg(f"model.tie_embeddings={str(tie).lower()}")
+    P = engines.build_engine(cfg, world, seed=3, schedule=True)
+    g = torch.Generator().manual_seed(5)
+    B = cfg.train.micro_batch_size
+    x = torch.randint(0, 64, (B * world, 16), generator=g)
+    y = torch.randint(0, 64, (B * world, 16), generator=g)
+    mask = torch.rand(B * world, 16, generator=g) < 0.6
+    mine = slice(rank * B, (rank + 1) * B)
+    lu = P(x[mine], y[mine])
+    loss, = selection.masked_mean_loss_scale([lu], [mask[mine]], float(mask.sum()), world)
+    P.backward(loss, scale_wrt_gas=False)
+    ds_grads = [deepspeed.utils.safe_get_full_grad(p).clone() for p in P.module.parameters()]
+    weights = _gathered(P)
+    torch.manual_seed(0)
+    ref = Transformer(cfg.model)
+    with torch.no_grad():
+        for p, w in zip(ref.parameters(), weights):
+            p.copy_(w)
+    ((ref(x, y) * mask).sum() / mask.sum()).backward()
+    return [float((a - p.grad).abs().max()) for a, p in zip(ds_grads, ref.parameters())]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_zero3_gradient_equals_single_process(tie):
+    for diffs in run_distributed(_grad_case, 2, args=(tie,), deepspeed=True):
+        assert max(diffs) < 1e-6, diffs

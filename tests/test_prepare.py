@@ -1,0 +1,164 @@
+"""prepare -> shards -> read: the packed stream, labels, sources and manifest are exactly right."""
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from blade.data import ShardDataset
+from blade.errors import DataError
+from blade.prepare import prepare, prepare_splits
+from blade.tokenizer import Tokenizer
+from tests.test_tokenizer import corpus, tok_model  # noqa: F401 (fixtures)
+from tests.test_tokenizer import MARK, VOCAB, corpus_documents
+
+SEQ = 32
+
+
+@pytest.fixture(scope="session")
+def prepared(corpus, tok_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    return out, prepare(corpus, str(out), seq_len=SEQ, tokenizer=tok_model, shard_sequences=16)
+
+
+def expected_stream(paths, tok, source_names, label_names):
+    """The packed stream rebuilt without blade.prepare: token, source and label id per token."""
+    tokens, sources, labels = [], [], []
+    for text, source, spans in corpus_documents(paths):
+        ids = tok.encode(text)
+        lab = [0] * len(ids)
+        if spans:  # ASCII text: token k covers text[len(decode(ids[:k])):len(decode(ids[:k + 1]))]
+            ends = [len(tok.decode(ids[:k + 1])) for k in range(len(ids))]
+            begins = [0] + ends[:-1]
+            for start, end, name in spans:
+                for k in range(len(ids)):
+                    if begins[k] < end and ends[k] > start:
+                        lab[k] = 1 + label_names.index(name)
+        tokens += ids + [tok.eos_id]
+        sources += [source_names.index(source)] * (len(ids) + 1)
+        labels += lab + [0]
+    return np.array(tokens), np.array(sources), np.array(labels)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # wds: open files
+def test_round_trip_reproduces_the_packed_stream(corpus, prepared):
+    out, m = prepared
+    tok = Tokenizer(str(out / "tokenizer.model"))
+    stream = expected_stream(corpus, tok, m["sources"], m["labels"])
+    n = (len(stream[0]) - 1) // SEQ
+    assert m["num_sequences"] == n and m["dropped_tail_tokens"] == len(stream[0]) - (n * SEQ + 1)
+    want = [np.stack([a[i * SEQ:i * SEQ + SEQ + 1] for i in range(n)]) for a in stream]
+    assert (want[2] > 0).sum() > 50  # the corpus does exercise labels
+
+    shards = [str(out / s["name"]) for s in m["shards"]]  # a plain webdataset reader reads them
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(n)]
+    dtypes = (np.int32, np.int16, np.uint8)
+    for key, dtype, expected in zip(("tokens", "sources", "labels"), dtypes, want):
+        got = np.stack([s[f"{key}.npy"] for s in samples])
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, expected)
+
+    ds = ShardDataset(str(out))
+    assert len(ds) == n and ds.seq_len == SEQ and ds.source_names == m["sources"]
+    for i in range(n):
+        item = ds[i]
+        assert item["valid"]
+        for key, expected in zip(("tokens", "sources", "labels"), want):
+            np.testing.assert_array_equal(item[key], expected[i])
+
+
+def test_manifest_counts_and_checksums(corpus, tok_model, prepared):
+    out, m = prepared
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == m
+    assert m["format"] == "blade-shards/1" and m["seq_len"] == SEQ
+    tok = Tokenizer(tok_model)
+    assert m["vocab_size"] == tok.vocab_size
+    assert m["tokenizer"] == {"file": "tokenizer.model", "sha256": tok.fingerprint}
+    assert Tokenizer(str(out / "tokenizer.model")).fingerprint == tok.fingerprint
+    names = [s["name"] for s in m["shards"]]
+    assert names == [f"shard-{i:06d}.tar" for i in range(len(names))]
+    assert sum(s["sequences"] for s in m["shards"]) == m["num_sequences"]
+    assert all(s["sequences"] == 16 for s in m["shards"][:-1])
+    for s in m["shards"]:
+        data = (out / s["name"]).read_bytes()
+        assert s["bytes"] == len(data) and s["sha256"] == hashlib.sha256(data).hexdigest()
+    assert set(m["sources"]) == {"web", "books", "plain", "notes"}
+    assert set(m["labels"]) == {"noise", "pii"}
+
+    _, sources, labels = expected_stream(corpus, tok, m["sources"], m["labels"])
+    kept = m["num_sequences"] * SEQ + 1  # every stream token up to the dropped tail, once
+    src, lab = Counter(sources[:kept].tolist()), Counter(labels[:kept].tolist())
+    assert m["tokens_per_source"] == {name: src[i] for i, name in enumerate(m["sources"])}
+    assert m["label_token_counts"] == {name: lab[i + 1] for i, name in enumerate(m["labels"])}
+
+
+def test_label_covers_exactly_the_overlapping_tokens(tok_model, tmp_path):
+    text = f"the clean data then {MARK} and more clean text"
+    start = text.index(MARK)
+    doc = {"text": text, "source": "web", "labels": [[start, start + len(MARK), "noise"]]}
+    (tmp_path / "one.jsonl").write_text(json.dumps(doc) + "\n")
+    prepare([str(tmp_path / "one.jsonl")], str(tmp_path / "out"), seq_len=2, tokenizer=tok_model)
+    ds = ShardDataset(str(tmp_path / "out"))
+    tokens = np.concatenate([ds[0]["tokens"]] + [ds[i]["tokens"][1:] for i in range(1, len(ds))])
+    labels = np.concatenate([ds[0]["labels"]] + [ds[i]["labels"][1:] for i in range(1, len(ds))])
+    hit = np.flatnonzero(labels)
+    assert len(hit) and np.all(np.diff(hit) == 1)  # one contiguous run
+    tok = Tokenizer(tok_model)
+    assert tok.decode(tokens[hit]).strip() == MARK
+
+    def covered(k):  # characters of the (ASCII) text covered by the first k tokens
+        return len(tok.decode(tokens[:k]))
+
+    end = start + len(MARK)  # the run overlaps the span, its neighbours do not
+    assert covered(hit[0]) <= start < covered(hit[0] + 1)
+    assert covered(hit[-1]) < end <= covered(hit[-1] + 1)
+
+
+def test_prepare_is_reproducible(corpus, tok_model, tmp_path):
+    a = prepare(corpus[1:2], str(tmp_path / "a"), seq_len=16, tokenizer=tok_model)
+    b = prepare(corpus[1:2], str(tmp_path / "b"), seq_len=16, tokenizer=tok_model)
+    assert a == b and a["sources"] == ["plain"]
+
+
+def test_prepare_splits_share_one_tokenizer_and_name_lists(corpus, tmp_path):
+    ms = prepare_splits({"train": corpus[:1], "val": corpus[2:]}, str(tmp_path), seq_len=16,
+                        vocab_size=VOCAB)
+    model = (tmp_path / "tokenizer.model").read_bytes()
+    for name, m in ms.items():
+        assert (tmp_path / name / "tokenizer.model").read_bytes() == model
+        assert m["tokenizer"]["sha256"] == hashlib.sha256(model).hexdigest()
+        assert ShardDataset(str(tmp_path / name)).fingerprint
+    assert ms["train"]["sources"] == ms["val"]["sources"] == ["books", "web", "notes"]
+    assert ms["train"]["labels"] == ms["val"]["labels"] == ["noise", "pii"]
+    assert ms["train"]["tokens_per_source"]["notes"] == 0 < ms["val"]["tokens_per_source"]["notes"]
+
+
+BAD_INPUTS = {  # name -> (file contents or None for a missing file, seq_len, message fragment)
+    "missing.jsonl": (None, 8, "missing.jsonl not found"),
+    "no_text.jsonl": ('{"text": "the data"}\n{"txt": "x"}\n', 8, 'no_text.jsonl:2: no "text"'),
+    "bad_json.jsonl": ('{"text": "the data"\n', 8, "bad_json.jsonl:1: invalid JSON"),
+    "span.jsonl": ('{"text": "the data", "labels": [[2, 99, "noise"]]}\n', 8,
+                   "span.jsonl:1: label span [2, 99, 'noise'] is out of range"),
+    "span_form.jsonl": ('{"text": "the data", "labels": [[2, "noise"]]}\n', 8,
+                        "span_form.jsonl:1: label [2, 'noise'] is not"),
+    "empty.jsonl": ("\n\n", 8, "empty.jsonl holds no documents"),
+    "empty.txt": ("", 8, "empty.txt holds no documents"),
+    "table.csv": ("text\nthe data\n", 8, "neither .jsonl nor .txt"),
+    "short.txt": ("the data", 64, "fewer than one sample"),
+    "tiny_seq.txt": ("the data " * 20, 1, "seq_len 1 is too small"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_inputs_raise_one_line_data_errors(name, tok_model, tmp_path):
+    content, seq_len, fragment = BAD_INPUTS[name]
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as e:
+        prepare([str(tmp_path / name)], str(tmp_path / "out"), seq_len=seq_len, tokenizer=tok_model)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()

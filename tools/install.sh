@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install blade into it. torch is pinned to the CPU build first; an unpinned torch
+# would pull a multi-GB CUDA build. On a GPU cluster, install your own torch before running this.
+#   tools/install.sh          runtime
+#   tools/install.sh test     runtime + test extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+extra=""; [ "${1:-}" = test ] && extra="[test]"
+.venv/bin/pip install -q -e ".${extra}"
