@@ -263,8 +263,8 @@ def test_shipped_config_values():
     q = load_config(os.path.join(CONFIGS, "quickstart.yaml"))
     assert (q.run.dir, q.data.train, q.model.vocab_size, q.model.max_seq_len) == \
         ("runs/quickstart", "data/builtin/train", 2048, 128)
-    assert (q.train.steps, q.selection.gamma, q.selection.tau, q.selection.k_ref_steps) == (120, 0.6, 40, 10)
-    assert (q.logging.wandb, q.deepspeed.zero_stage, q.optim.lr) == ("offline", 3, 1e-3)
+    assert (q.train.steps, q.selection.gamma, q.selection.tau, q.selection.k_ref_steps) == (150, 0.6, 40, 20)
+    assert (q.logging.wandb, q.deepspeed.zero_stage, q.optim.lr) == ("offline", 3, 2e-3)
     t = load_config(os.path.join(CONFIGS, "tiny_test.yaml"))
     assert (t.model.dim, t.model.ffn_hidden, t.train.steps, t.train.micro_batch_size) == (64, 176, 20, 4)
     assert (t.logging.wandb, t.logging.progress, t.selection.tau) == ("off", False, 40)
