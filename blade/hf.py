@@ -1,0 +1,181 @@
+"""Hugging Face Llama-family checkpoints: config.json <-> ModelConfig, safetensors names <-> blade names.
+
+A checkpoint directory holds config.json and model.safetensors, or shards listed in
+model.safetensors.index.json (any *.safetensors files are read if the index is missing).
+Tensors are read one at a time with safetensors' safe_open, so a 7B checkpoint never sits in
+memory twice.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+from blade.errors import BladeError
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = ("llama", "mistral")
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# tensors some converters leave in Llama checkpoints that carry no weights blade needs
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_BLOCK = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn.wq.weight",
+          "self_attn.k_proj.weight": "attn.wk.weight", "self_attn.v_proj.weight": "attn.wv.weight",
+          "self_attn.o_proj.weight": "attn.wo.weight",
+          "post_attention_layernorm.weight": "mlp_norm.weight",
+          "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
+          "mlp.down_proj.weight": "mlp.w2.weight"}
+_TOP = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "norm.weight",
+        "lm_head.weight": "lm_head.weight"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "generation_config.json")
+
+
+def rename(name: str, top: dict, block_pattern: str, block: dict) -> str | None:
+    """blade's name for a checkpoint tensor: a top-level one, or `<block_pattern>` = (layer, suffix)."""
+    if name in top:
+        return top[name]
+    m = re.fullmatch(block_pattern, name)
+    if m and m.group(2) in block:
+        return f"layers.{m.group(1)}.{block[m.group(2)]}"
+    return None
+
+
+def blade_name(hf_name: str) -> str | None:
+    return rename(hf_name, _TOP, r"model\.layers\.(\d+)\.(.+)", _BLOCK)
+
+
+def hf_name(blade: str) -> str:
+    for k, v in _TOP.items():
+        if v == blade:
+            return k
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", blade)
+    for k, v in _BLOCK.items():
+        if m and v == m.group(2):
+            return f"model.layers.{m.group(1)}.{k}"
+    raise KeyError(blade)
+
+
+def read_config(path: str) -> dict:
+    file = os.path.join(path, CONFIG)
+    if not os.path.isfile(file):
+        raise BladeError(f"no {CONFIG} in {path}: a Hugging Face checkpoint directory holds "
+                         "config.json and *.safetensors")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise BladeError(f"cannot read {file} ({e})") from None
+
+
+def model_config(path: str, hf: dict) -> dict:
+    """ModelConfig fields from a Llama-family config.json; anything blade's model lacks is an error."""
+    archs = hf.get("architectures") or []
+    mtype = hf.get("model_type")
+    if mtype not in MODEL_TYPES or (archs and not set(archs) & set(ARCHITECTURES)):
+        raise BladeError(f"unsupported architecture {'/'.join(archs) or '?'} (model_type "
+                         f"'{mtype}') in {path}: blade imports Llama-family decoders "
+                         f"({', '.join(ARCHITECTURES)})")
+
+    def unsupported(what: str) -> BladeError:
+        return BladeError(f"unsupported checkpoint {path}: {what} (blade's Llama has no such option)")
+
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "vocab_size"):
+        if not isinstance(hf.get(key), int):
+            raise BladeError(f"{path}/{CONFIG} lacks integer '{key}'")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act '{hf['hidden_act']}'")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise unsupported(f"{key}=true")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise unsupported(f"RoPE scaling '{rope_type}'")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise unsupported("partial RoPE")
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or dim // heads
+    if head_dim * heads != dim:
+        raise unsupported(f"head_dim {head_dim} * {heads} heads != hidden_size {dim}")
+    max_len = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if window:  # full attention equals sliding-window attention up to the window
+        max_len = min(max_len, int(window))
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    tie = hf.get("tie_word_embeddings", False)  # LlamaConfig's / MistralConfig's default
+    return {"vocab_size": hf["vocab_size"], "dim": dim, "n_layers": hf["num_hidden_layers"],
+            "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads,
+            "ffn_hidden": hf["intermediate_size"], "max_seq_len": max_len,
+            "rope_theta": float(theta), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "tie_embeddings": bool(tie)}
+
+
+def weight_files(path: str) -> dict[str, str]:
+    """{hf tensor name: file}; the index json when there is one, else every *.safetensors."""
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise BladeError(f"cannot read {index} ({e!r}): re-save the checkpoint") from None
+        for file in set(weight_map.values()):
+            if not os.path.isfile(os.path.join(path, file)):
+                raise BladeError(f"shard {file} listed in {index} is missing")
+        return {k: os.path.join(path, v) for k, v in weight_map.items()}
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        bins = glob.glob(os.path.join(path, "*.bin"))
+        hint = (" (only PyTorch .bin weights: re-save with safetensors, e.g. "
+                "model.save_pretrained(dir, safe_serialization=True))") if bins else ""
+        raise BladeError(f"no *.safetensors weights in {path}{hint}")
+    from safetensors import safe_open
+
+    out = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            out.update({k: file for k in f.keys()})
+    return out
+
+
+def tensors(path: str, cfg: dict):
+    """Yield (blade name, tensor) for every weight; a tied checkpoint's lm_head copy is skipped."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_files(path).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                if _IGNORED.fullmatch(name):
+                    continue
+                blade = blade_name(name)
+                if blade is None:
+                    raise BladeError(f"unexpected tensor {name} in {file}: not part of a Llama "
+                                     "model blade supports")
+                if blade == "lm_head.weight" and cfg["tie_embeddings"]:
+                    continue
+                yield blade, f.get_tensor(name)
+
+
+def export_config(cfg, extra: dict | None = None) -> dict:
+    """config.json for transformers' LlamaForCausalLM from a blade ModelConfig."""
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden,
+           "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+           "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim // cfg.n_heads,
+           "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+           "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+           "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+           # transformers >= 5 reads rope_parameters, older versions rope_theta
+           "rope_theta": cfg.rope_theta,
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+           "torch_dtype": "float32", "use_cache": True}
+    out.update(extra or {})
+    return out
