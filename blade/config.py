@@ -41,6 +41,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     loss_chunk_tokens: int = 2048      # tokens per chunk of the per-token cross-entropy
+    init_from: Optional[str] = None    # pretrained HF Llama directory or .gguf: weights and shape
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TrainConfig:
     eval_interval: int = 50            # 0 = never
     eval_batches: int = 4              # micro-batches of the val stream per evaluation
     log_interval: int = 1
+    max_wall_time_s: float = 0.0       # stop (checkpoint, exit 75) before this much wall time; 0 = off
+    max_nonfinite_steps: int = 5       # abort after this many non-finite (skipped) steps in a row
 
 
 @dataclass
@@ -98,6 +101,7 @@ class CheckpointConfig:
     interval: int = 0                  # steps between checkpoints; 0 = only at syncs (if any) and the end
     resume: str = "none"               # none | auto | PATH
     keep_last_n: int = 3
+    allow_data_change: bool = False    # resume on data whose fingerprint differs (same positions)
 
 
 @dataclass
@@ -284,7 +288,7 @@ _RANGES = {
     "data.num_workers": ">= 0",
     "train.steps": ">= 1", "train.seed": ">= 0", "train.micro_batch_size": ">= 1",
     "train.grad_accum": ">= 1", "train.eval_interval": ">= 0", "train.eval_batches": ">= 1",
-    "train.log_interval": ">= 1",
+    "train.log_interval": ">= 1", "train.max_wall_time_s": ">= 0", "train.max_nonfinite_steps": ">= 1",
     "optim.lr": "> 0", "optim.min_lr_ratio": "in [0, 1]", "optim.warmup_steps": ">= 0",
     "optim.weight_decay": ">= 0", "optim.beta1": "in [0, 1)", "optim.beta2": "in [0, 1)",
     "optim.eps": "> 0", "optim.grad_clip": ">= 0",
@@ -314,6 +318,9 @@ def validate(cfg: BladeConfig) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config error: model.n_heads ({m.n_heads}) must be divisible by "
                           f"model.n_kv_heads ({m.n_kv_heads})")
+    if m.init_from is not None and not os.path.exists(m.init_from):
+        raise ConfigError(f"config error: model.init_from: no checkpoint at '{m.init_from}' (give a "
+                          "Hugging Face checkpoint directory or a .gguf file)")
     resume = cfg.checkpoint.resume
     if resume not in ("none", "auto") and not os.path.isdir(resume):
         raise ConfigError(f"config error: checkpoint.resume: no checkpoint at '{resume}' "
@@ -338,6 +345,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> BladeConfig:
     raw = _read_yaml(path) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
+    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from") is not None:
+        from .interop import merge_pretrained_config
+
+        raw["model"] = merge_pretrained_config(raw["model"])  # the shape comes from the checkpoint
     cfg = _from_dict(raw)
     validate(cfg)
     return cfg

@@ -14,7 +14,7 @@ import time
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, wandb_mode: str = "off", project: str = "blade",
                  run_name: str | None = None, config: dict | None = None, total_steps: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, wandb_id: str | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.progress = progress and enabled
@@ -27,7 +27,7 @@ class MetricsLogger:
         os.makedirs(run_dir, exist_ok=True)
         self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         if wandb_mode != "off":
-            self._wandb = _start_wandb(run_dir, wandb_mode, project, run_name, config)
+            self._wandb = _start_wandb(run_dir, wandb_mode, project, run_name, config, wandb_id)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -66,11 +66,13 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def _start_wandb(run_dir: str, mode: str, project: str, name: str | None, config: dict | None):
+def _start_wandb(run_dir: str, mode: str, project: str, name: str | None, config: dict | None,
+                 run_id: str | None = None):
+    """run_id: continue that wandb run (a resumed training run keeps the id in its checkpoint)."""
     import wandb
 
-    return wandb.init(project=project, name=name, dir=run_dir, mode=mode, config=config,
-                      settings=wandb.Settings(silent=True))
+    return wandb.init(project=project, name=name, dir=run_dir, mode=mode, config=config, id=run_id,
+                      resume="allow" if run_id else None, settings=wandb.Settings(silent=True))
 
 
 def _jsonable(value):

@@ -5,9 +5,15 @@ import re
 
 import pytest
 
-from blade.config import (BladeConfig, check_paths, config_to_dict, describe_layout, dump_config,
-                          load_config)
-from blade.errors import ConfigError
+from blade.config import (
+    BladeConfig,
+    check_paths,
+    config_to_dict,
+    describe_layout,
+    dump_config,
+    load_config,
+)
+from blade.errors import BladeError, ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -148,6 +154,8 @@ def test_type_coercions_that_are_allowed():
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage must be one of 0, 1, 2, 3, got 4"),
     ("checkpoint.interval=-1", "checkpoint.interval must be >= 0, got -1"),
     ("checkpoint.keep_last_n=0", "checkpoint.keep_last_n must be >= 1, got 0"),
+    ("train.max_wall_time_s=-1", "train.max_wall_time_s must be >= 0, got -1.0"),
+    ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be >= 1, got 0"),
     ("dist.timeout_s=0", "dist.timeout_s must be >= 1, got 0"),
 ])
 def test_out_of_range(override, msg):
@@ -172,7 +180,27 @@ def test_resume(tmp_path):
     assert load_config(None, [f"checkpoint.resume={tmp_path}"]).checkpoint.resume == str(tmp_path)
 
 
+def test_fault_tolerance_keys():
+    cfg = load_config(None)
+    assert (cfg.train.max_wall_time_s, cfg.train.max_nonfinite_steps) == (0.0, 5)
+    assert cfg.checkpoint.allow_data_change is False
+    cfg = load_config(None, ["train.max_wall_time_s=3600", "train.max_nonfinite_steps=2",
+                             "checkpoint.allow_data_change=true"])
+    assert (cfg.train.max_wall_time_s, cfg.train.max_nonfinite_steps) == (3600.0, 2)
+    assert cfg.checkpoint.allow_data_change is True
+    with raises("config error: checkpoint.allow_data_change must be true or false, got 'yes please' (str)"):
+        load_config(None, ["checkpoint.allow_data_change=yes please"])
+
+
 # ----------------------------------------------------------------------------- files
+
+def test_init_from_must_exist(tmp_path):
+    assert load_config(None).model.init_from is None
+    with pytest.raises(BladeError, match="is not a Hugging Face checkpoint directory"):
+        load_config(None, [f"model.init_from={tmp_path}"])  # exists, but holds no checkpoint
+    with raises("config error: model.init_from: no checkpoint at"):
+        load_config(None, [f"model.init_from={tmp_path / 'nope.gguf'}"])
+
 
 def test_check_paths(tmp_path):
     for name in ("train", "val"):

@@ -1,0 +1,380 @@
+"""Complete, atomic, resumable checkpoints (layout and contract: docs/checkpointing.md).
+
+    <run.dir>/checkpoints/step_000123/     123 = proxy steps completed (the resumed run starts at step 123)
+        proxy/        DeepSpeed save_checkpoint of the proxy: weights, fp32 master, AdamW, LR scheduler
+        reference/    the same for the reference engine (rho1 / blade)
+        rank_00000.pt per-rank state: RNG states (python, numpy, torch, cuda), diagnostics window
+        state.json    everything global: counters, data positions, reference cycle, fingerprints, config
+        COMPLETE      written last, by rank 0, after a barrier: only a directory holding it is a checkpoint
+    <run.dir>/checkpoints/latest           the name of the newest complete checkpoint (atomic replace)
+
+`resume=auto` takes the highest-numbered directory that holds COMPLETE (a crash between COMPLETE and
+`latest` loses nothing). Files we read ourselves go through torch.load(weights_only=True) or JSON.
+Resuming on another world size is blade/reshard.py; `blade export` is blade/export.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import faults
+from .errors import BladeError
+
+FORMAT = "blade-checkpoint-1"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STATE = "state.json"
+_NAME = re.compile(r"step_(\d{6,})")
+
+
+class CheckpointError(BladeError):
+    """A checkpoint that cannot be used: incomplete, corrupt, or from an incompatible run."""
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def step_name(completed: int) -> str:
+    return f"step_{completed:06d}"
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE)) and os.path.isfile(os.path.join(path, STATE))
+
+
+def list_checkpoints(ckpt_root: str) -> list[tuple[int, str, bool]]:
+    """(completed steps, path, complete) of every step_* directory, oldest first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = []
+    for name in os.listdir(ckpt_root):
+        m = _NAME.fullmatch(name)
+        path = os.path.join(ckpt_root, name)
+        if m and os.path.isdir(path):
+            found.append((int(m.group(1)), path, is_complete(path)))
+    return sorted(found)
+
+
+def newest_complete(ckpt_root: str) -> str | None:
+    complete = [path for _, path, ok in list_checkpoints(ckpt_root) if ok]
+    return complete[-1] if complete else None
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint directory from PATH: a step_* directory, a checkpoints/ directory or a run directory
+    (their newest complete checkpoint)."""
+    if os.path.isfile(os.path.join(path, STATE)) or _NAME.fullmatch(os.path.basename(os.path.normpath(path))):
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker: its save was "
+                                  "interrupted); use an earlier one or checkpoint.resume=auto")
+        return path
+    for candidate in (path, root(path)):
+        if list_checkpoints(candidate):
+            newest = newest_complete(candidate)
+            if newest is None:
+                raise CheckpointError(f"no complete checkpoint in {candidate} (every save there was "
+                                      "interrupted)")
+            return newest
+    raise CheckpointError(f"no checkpoint at {path}: give a step_* directory written by blade train, "
+                          "a run directory, or checkpoint.resume=auto")
+
+
+def _remove(path: str) -> None:
+    """Rename first (atomic), so that a half-deleted directory never looks like a checkpoint."""
+    doomed = f"{path}.deleting-{os.getpid()}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(path) or ".")
+
+
+def read_state(path: str) -> dict:
+    file = os.path.join(path, STATE)
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file} ({e.strerror}): not a blade checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is corrupt ({e}): use an earlier checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a {FORMAT} checkpoint state")
+    return state
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _plain(x):
+    return x.item() if hasattr(x, "item") else x
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state: dict, rank: int,
+         keep_last_n: int) -> str:
+    """Write checkpoint `completed` (a collective: every rank calls it). Returns its path."""
+    path = os.path.join(ckpt_root, step_name(completed))
+    if rank == 0:
+        os.makedirs(ckpt_root, exist_ok=True)
+        if os.path.exists(path):  # a torn save of this step, or a superseded one: never mix the two
+            _remove(path)
+        os.makedirs(path)
+    _barrier()
+    faults.point("save", completed, "begin")
+    for name, engine in engines.items():
+        engine.save_checkpoint(path, tag=name, save_latest=False)
+        faults.point("save", completed, f"after_{name}")
+    torch.save(rank_state, os.path.join(path, f"rank_{rank:05d}.pt"))
+    if rank == 0:
+        with open(os.path.join(path, STATE), "w") as f:
+            json.dump(state, f, indent=1)
+    faults.point("save", completed, "before_barrier")
+    _barrier()  # every rank's files are written
+    if rank == 0:
+        for dirpath, _, files in os.walk(path):
+            for name in files:
+                _fsync(os.path.join(dirpath, name))
+        faults.point("save", completed, "before_complete")
+        write_atomic(os.path.join(path, COMPLETE), f"{completed}\n")
+        faults.point("save", completed, "before_latest")
+        write_atomic(os.path.join(ckpt_root, LATEST), step_name(completed) + "\n")
+        prune(ckpt_root, keep_last_n, keep=path)
+    _barrier()
+    return path
+
+
+def prune(ckpt_root: str, keep_last_n: int, keep: str) -> list[str]:
+    """Delete all but the newest `keep_last_n` complete checkpoints and torn saves older than `keep`
+    (never `keep` itself)."""
+    found = list_checkpoints(ckpt_root)
+    complete = [p for _, p, ok in found if ok]
+    doomed = [p for p in complete[:-keep_last_n]]
+    kept_step = next((c for c, p, _ in found if p == keep), None)
+    doomed += [p for c, p, ok in found if not ok and kept_step is not None and c < kept_step]
+    doomed = [p for p in doomed if os.path.normpath(p) != os.path.normpath(keep)]
+    for p in doomed:
+        _remove(p)
+    return doomed
+
+
+def supersede_later(ckpt_root: str, completed: int) -> list[str]:
+    """Resuming from an earlier checkpoint abandons the later ones: move them to checkpoints/superseded/
+    so that auto-resume and retention only see the live run (torn saves are deleted)."""
+    moved = []
+    for c, path, ok in list_checkpoints(ckpt_root):
+        if c <= completed:
+            continue
+        if not ok:
+            _remove(path)
+            continue
+        dest_root = os.path.join(ckpt_root, "superseded")
+        os.makedirs(dest_root, exist_ok=True)
+        dest = os.path.join(dest_root, f"{os.path.basename(path)}-{int(time.time())}")
+        os.rename(path, dest)
+        moved.append(dest)
+    return moved
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def check_files(path: str, engines: dict, rank: int) -> str | None:
+    """What this rank needs and lacks (None if all present): checked on every rank before any
+    collective load, so that a damaged checkpoint fails everywhere instead of hanging."""
+    need = [os.path.join(path, f"rank_{rank:05d}.pt")] + [os.path.join(path, name) for name in engines]
+    for file in need:
+        if not os.path.exists(file):
+            return file
+    for name in engines:
+        files = os.listdir(os.path.join(path, name))
+        if not any(f"rank_{rank}_" in f for f in files) and not any(f.startswith("mp_rank") for f in files):
+            return os.path.join(path, name, f"*rank_{rank}_*")
+    return None
+
+
+def load(path: str, engines: dict, rank: int) -> dict:
+    """Load every engine and return this rank's state (after the caller checked compatibility)."""
+    missing = check_files(path, engines, rank)
+    bad = torch.tensor([float(missing is not None)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from .preempt import collective_device
+
+        bad = bad.to(collective_device())
+        dist.all_reduce(bad)
+    if bad.item():
+        where = f": {missing} is missing" if missing else " on another rank"
+        raise CheckpointError(f"checkpoint {path} is damaged{where}; use an earlier checkpoint")
+    for name, engine in engines.items():
+        try:
+            loaded, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=engine.lr_scheduler is not None)
+        except Exception as e:  # noqa: BLE001 - unpickling and DeepSpeed raise many kinds on bad files
+            raise CheckpointError(f"cannot load the {name} engine from {path} "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        if loaded is None:
+            raise CheckpointError(f"cannot load the {name} engine from {path}: DeepSpeed found no "
+                                  "checkpoint files")
+    file = os.path.join(path, f"rank_{rank:05d}.pt")
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(f"cannot read {file} ({type(e).__name__}): the checkpoint is damaged") from None
+
+
+def load_deepspeed_file(file: str) -> dict:
+    """A DeepSpeed checkpoint file, unpickling tensors and DeepSpeed's two bookkeeping classes only."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+            return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}): the checkpoint "
+                              "is damaged") from None
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+
+def check_compatible(saved: dict, current: dict, allow_data_change: bool) -> list[str]:
+    """Refuse (CheckpointError, one line) what cannot be resumed; return warnings for what can."""
+    where = f"checkpoint {saved.get('path', '')}".strip()
+    warnings = []
+    if saved.get("world_size") != current.get("world_size"):
+        if saved.get("zero_stage") == current.get("zero_stage") == 3:
+            warnings.append(f"resharding from {saved.get('world_size')} to {current.get('world_size')} ranks: "
+                            "weights, optimizer states and data positions carry over exactly; RNG states are "
+                            "re-derived, so the run continues close to, not bit-exactly like, the original")
+        else:
+            raise CheckpointError(f"cannot resume from {where}: world size was {saved.get('world_size')}, this "
+                                  f"run has {current.get('world_size')}; relaunch with the checkpoint's number "
+                                  "of ranks (a different world size needs deepspeed.zero_stage=3)")
+    for key, what, fix in (
+            ("zero_stage", "deepspeed.zero_stage", "use the checkpoint's ZeRO stage"),
+            ("precision", "train.precision", "use the checkpoint's precision"),
+            ("ref_precision", "selection.ref_precision", "use the checkpoint's reference precision"),
+            ("strategy", "selection.strategy", "use the checkpoint's strategy or start a new run.dir")):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(f"cannot resume from {where}: {what} was {saved.get(key)!r}, this run "
+                                  f"has {current.get(key)!r}; {fix}")
+    if saved["model_shape"] != current["model_shape"]:
+        names = sorted(set(saved["model_shape"]) | set(current["model_shape"]))
+        diff = next(n for n in names if saved["model_shape"].get(n) != current["model_shape"].get(n))
+        raise CheckpointError(f"cannot resume from {where}: the model shape differs ({diff}: "
+                              f"{saved['model_shape'].get(diff)} in the checkpoint, "
+                              f"{current['model_shape'].get(diff)} now); use the checkpoint's model config")
+    if saved["data"]["tokenizer"] != current["data"]["tokenizer"]:
+        raise CheckpointError(f"cannot resume from {where}: the data was tokenized with another tokenizer "
+                              f"(sha256 {str(saved['data']['tokenizer'])[:12]} in the checkpoint, "
+                              f"{str(current['data']['tokenizer'])[:12]} now); use the original data")
+    for split in ("train", "target"):
+        if saved["data"].get(split) != current["data"].get(split):
+            msg = (f"the data.{split} shards differ from those the checkpoint was trained on "
+                   "(fingerprint mismatch)")
+            if not allow_data_change:
+                raise CheckpointError(f"cannot resume from {where}: {msg}; resume with the original data, "
+                                      "or set checkpoint.allow_data_change=true to continue on the new "
+                                      "data at the same stream positions")
+            warnings.append(msg + "; continuing at the saved positions (allow_data_change)")
+    if saved["data"].get("val") != current["data"].get("val"):
+        warnings.append("data.val differs from the checkpoint's: evaluation losses before and after "
+                        "the resume are not comparable")
+    return warnings
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """`section.key: old -> new` for every setting that differs (bookkeeping sections left out)."""
+    skip = {"run", "logging", "dist", "checkpoint"}
+    changes = []
+    for section, values in current.items():
+        if section in skip or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value:
+                changes.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return changes
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def truncate_records(file: str, completed: int, eval_pending: int | None = None) -> int:
+    """Drop records of steps >= `completed`, end-of-run summaries, a torn last line, and the
+    evaluation the resumed run redoes first (`eval_pending`), so that a resumed run appends without
+    duplicates. Returns the number of records dropped."""
+    if not os.path.isfile(file):
+        return 0
+    kept, dropped = [], 0
+    with open(file) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = (record.get("step", -1) < completed and record.get("kind") != "summary"
+                        and not (record.get("kind") == "eval" and record.get("step") == eval_pending))
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            elif line.strip():
+                dropped += 1
+    if dropped:
+        write_atomic(file, "".join(kept))
+    return dropped
