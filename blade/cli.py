@@ -4,6 +4,9 @@
     blade prepare docs.jsonl more.txt --out data/mine --seq-len 512 --vocab-size 8000
     blade train configs/quickstart.yaml train.steps=50 selection.strategy=rho1 [--dry-run]
     blade inspect runs/quickstart
+    launch/local.sh 2 --cmd bench -c configs/quickstart.yaml --strategies full,blade   # throughput
+    blade export-hf weights.safetensors out/hf --tokenizer data/mine/tokenizer.json
+    blade export runs/quickstart out/model               # newest checkpoint -> fp32 safetensors + config
 """
 from __future__ import annotations
 
@@ -57,13 +60,29 @@ def cmd_train(args) -> None:
         print(describe_layout(cfg, world, seq_len))
         return
     check_paths(cfg)
+
+    def train(world) -> None:
+        from .trainer import Trainer
+
+        Trainer(cfg, world).fit()
+
+    run_on_ranks(cfg, train)
+
+
+def run_on_ranks(cfg, body) -> None:
+    """Set up this rank, run body(world), exit: 75 after a stop request (checkpoint written),
+    2 for a user error (one line), 1 for a crash (traceback)."""
     from . import dist
-    from .trainer import Trainer
+    from .preempt import EXIT_PREEMPTED, Preempted
 
     world = dist.setup(cfg.dist.timeout_s, cfg.dist.backend, cfg.dist.threads_per_rank)
     code = 0
     try:
-        Trainer(cfg, world).fit()
+        body(world)
+    except Preempted as e:  # a checkpoint is written: requeue with checkpoint.resume=auto
+        if world.is_main:
+            print(f"blade: {e}; exit {EXIT_PREEMPTED} (resume with checkpoint.resume=auto)", file=sys.stderr)
+        code = EXIT_PREEMPTED
     except BladeError as e:
         print(f"blade: error: {e}", file=sys.stderr)
         code = 2
@@ -85,11 +104,54 @@ def _manifest_seq_len(path: str) -> int | None:
         return None
 
 
+def cmd_bench(args) -> None:
+    from .config import check_paths, load_config
+
+    path, overrides = split_config_args(args.items, args.config)
+    cfg = load_config(path, overrides)
+    check_paths(cfg)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+
+    def bench(world) -> None:
+        from .bench import run_bench
+
+        say = print if world.is_main else (lambda *a, **k: None)
+        result = run_bench(path, overrides, world, strategies, args.warmup, args.steps, args.out,
+                           measure_checkpoint=not args.no_checkpoint, memory_steps=args.memory_steps,
+                           command="blade " + " ".join(sys.argv[1:]), say=say)
+        if result is not None:
+            print(f"wrote {args.out}/bench.json, report.md and breakdown.png")
+            for t in result["targets"]:
+                print(f"  [{'PASS' if t['passed'] else 'FAIL'}] {t['target']}: {t['measured']}")
+
+    run_on_ranks(cfg, bench)
+
+
 def cmd_inspect(args) -> None:
     from .inspect import inspect_run
 
     out = inspect_run(args.run_dir, args.out)
     print(f"wrote plots and {os.path.join(out, 'index.html')}")
+
+
+def cmd_export(args) -> None:
+    from .export import export
+
+    meta = export(args.checkpoint, args.out)
+    print(f"exported the proxy of {meta['source']} (after {meta['step']} steps) to {args.out}")
+
+
+def cmd_export_hf(args) -> None:
+    from .interop import export_hf
+
+    model_config = None
+    if args.config:
+        from .config import load_config
+
+        model_config = load_config(args.config).model
+    out = export_hf(args.weights, args.out, model_config=model_config, tokenizer=args.tokenizer,
+                    dtype=args.dtype)
+    print(f"wrote a Hugging Face Llama checkpoint to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("inputs", nargs="*", help="JSONL (text, source, labels) or .txt files")
     pp.add_argument("--out", help="output directory")
     pp.add_argument("--builtin", metavar="DIR", help="generate and prepare the built-in corpus in DIR")
-    pp.add_argument("--tokenizer", help="existing SentencePiece .model (default: train one)")
+    pp.add_argument("--tokenizer", help="existing SentencePiece .model, Hugging Face tokenizer.json "
+                    "or .gguf (its embedded tokenizer) (default: train a SentencePiece model)")
     pp.add_argument("--vocab-size", type=int, default=2048)
     pp.add_argument("--seq-len", type=int, default=128)
     pp.add_argument("--shard-sequences", type=int, default=512)
@@ -121,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("run_dir")
     pi.add_argument("--out", help="output directory (default RUN_DIR/inspect)")
     pi.set_defaults(func=cmd_inspect)
+
+    pb = sub.add_parser("bench", help="throughput, MFU, memory and step breakdown of each strategy "
+                        "(launch like train: launch/local.sh N --cmd bench ...)")
+    pb.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    pb.add_argument("-c", "--config", help="YAML config (or give it as the first argument)")
+    pb.add_argument("--strategies", default="full,random,rho1,blade", help="comma-separated subset")
+    pb.add_argument("--warmup", type=int, default=3, help="warm-up steps per strategy (not timed)")
+    pb.add_argument("--steps", type=int, default=10, help="timed steps per strategy")
+    pb.add_argument("--out", default="runs/bench", help="output directory")
+    pb.add_argument("--no-checkpoint", action="store_true", help="do not time a checkpoint save")
+    pb.add_argument("--memory-steps", type=int, default=3,
+                    help="CPU: untimed steps per strategy that measure the peak RSS (after the timing)")
+    pb.set_defaults(func=cmd_bench)
+
+    px = sub.add_parser("export", help="a training checkpoint -> fp32 safetensors + config.yaml (no DeepSpeed "
+                        "needed to load: blade.export.load_exported)")
+    px.add_argument("checkpoint", help="a checkpoints/step_* directory, or a run directory (its newest)")
+    px.add_argument("out", help="output directory: model.safetensors, config.yaml, export.json")
+    px.set_defaults(func=cmd_export)
+
+    pe = sub.add_parser("export-hf", help="blade weights -> Hugging Face Llama layout (transformers loads it)")
+    pe.add_argument("weights", help="blade weights: .safetensors/.pt file or a directory of .safetensors")
+    pe.add_argument("out", help="output directory: config.json, model.safetensors, tokenizer files")
+    pe.add_argument("--config", help="run config YAML with the model shape (default: config.json or "
+                    "config.yaml next to the weights)")
+    pe.add_argument("--tokenizer", help="tokenizer to ship (.model, tokenizer.json, .gguf; default: "
+                    "tokenizer files next to the weights)")
+    pe.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    pe.set_defaults(func=cmd_export_hf)
     return p
 
 

@@ -12,13 +12,11 @@ import os
 import torch
 import torch.distributed as dist
 
+from .dist import all_reduce
+
 HIST_BINS = 40
 
 
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
 
 
 class SelectionDiagnostics:
@@ -38,16 +36,16 @@ class SelectionDiagnostics:
 
     def observe(self, step: int, mask: torch.Tensor, mbs: list, cfg, score: torch.Tensor | None = None):
         """Count selected/total tokens per source and label; histogram the scores on diag steps."""
-        valid = torch.stack([mb.valid.flatten() for mb in mbs])
+        valid = torch.stack([mb.valid.flatten() for mb in mbs]).cpu()  # the counters live on the CPU
         for acc, key in zip(self.window, ("sources", "labels")):
-            ids = torch.stack([getattr(mb, key).flatten() for mb in mbs])[valid].long()
+            ids = torch.stack([getattr(mb, key).flatten() for mb in mbs]).cpu()[valid].long()
             n = acc.shape[1]
-            acc[0] += torch.bincount(ids, weights=mask[valid].double(), minlength=n)[:n]
+            acc[0] += torch.bincount(ids, weights=mask.cpu()[valid].double(), minlength=n)[:n]
             acc[1] += torch.bincount(ids, minlength=n)[:n].double()
         if score is None:
             return
-        s = score[valid].float()
-        mean = _all_reduce(torch.tensor([float(s.sum()), float(s.numel())], dtype=torch.float64))
+        s = score.cpu()[valid].float()
+        mean = all_reduce(torch.tensor([float(s.sum()), float(s.numel())], dtype=torch.float64))
         self.last_score_mean = float(mean[0] / mean[1].clamp_min(1))
         if self.due(step, cfg):
             self.hist = self._histogram(s)
@@ -56,11 +54,11 @@ class SelectionDiagnostics:
 
     def _histogram(self, s: torch.Tensor) -> dict:
         big = torch.finfo(torch.float32).max
-        lo = _all_reduce(torch.tensor([float(s.min()) if s.numel() else big]), dist.ReduceOp.MIN)
-        hi = _all_reduce(torch.tensor([float(s.max()) if s.numel() else -big]), dist.ReduceOp.MAX)
+        lo = all_reduce(torch.tensor([float(s.min()) if s.numel() else big]), dist.ReduceOp.MIN)
+        hi = all_reduce(torch.tensor([float(s.max()) if s.numel() else -big]), dist.ReduceOp.MAX)
         lo, hi = float(lo), float(hi)
         hi = hi if hi > lo else lo + 1.0
-        counts = _all_reduce(torch.histc(s, bins=HIST_BINS, min=lo, max=hi).double())
+        counts = all_reduce(torch.histc(s, bins=HIST_BINS, min=lo, max=hi).double())
         edges = torch.linspace(lo, hi, HIST_BINS + 1)
         return {"edges": [round(e, 5) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
 
@@ -82,7 +80,7 @@ class SelectionDiagnostics:
 
     def flush(self, step: int) -> dict:
         """The diagnostics record for the window that ends at `step` (a collective: all ranks call it)."""
-        window = [_all_reduce(w.clone()) for w in self.window]
+        window = [all_reduce(w.clone()) for w in self.window]
         for total, w in zip(self.run_total, window):
             total += w
         for w in self.window:
@@ -94,5 +92,5 @@ class SelectionDiagnostics:
 
     def totals(self) -> dict:
         """Selection rates over the whole run (the run_total is already global)."""
-        pending = [_all_reduce(w.clone()) for w in self.window]
+        pending = [all_reduce(w.clone()) for w in self.window]
         return self._rates([t + p for t, p in zip(self.run_total, pending)])

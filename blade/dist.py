@@ -54,11 +54,12 @@ def map_launcher_env(env=os.environ) -> None:
     if "RANK" not in env:  # plain `python -m blade ...`: a world of one
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for a local rendezvous)."""
     import socket
 
     with socket.socket() as s:
@@ -118,6 +119,22 @@ def setup(timeout_s: int = 300, backend: str = "auto", threads_per_rank: int = 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def all_reduce(t, op=None):
+    """All-reduce a small tensor in place on any backend (nccl wants it on the GPU); no-op alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    op = op or dist.ReduceOp.SUM
+    if dist.get_backend() == "nccl" and not t.is_cuda:
+        moved = t.cuda()
+        dist.all_reduce(moved, op=op)
+        t.copy_(moved.cpu())
+    else:
+        dist.all_reduce(t, op=op)
+    return t
 
 
 def shutdown(exit_code: int = 0) -> None:

@@ -85,6 +85,10 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
 
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
+    if cfg.model.init_from:  # continual pretraining: every rank loads, before DeepSpeed partitions
+        from .interop import load_pretrained
+
+        load_pretrained(model, cfg.model.init_from)
     scheduler = None
     if schedule:
         base = cfg.optim.lr
@@ -158,6 +162,8 @@ def relative_distance(proxy, reference, world_size: int) -> float:
     """Dist(u, w) = ||u - w|| / ||u|| over all parameters, from local partitions + one all-reduce."""
     import torch.distributed as dist
 
+    from .dist import all_reduce
+
     sharded = zero_stage(proxy) == 3
     sums = torch.zeros(2, dtype=torch.float64)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -168,8 +174,8 @@ def relative_distance(proxy, reference, world_size: int) -> float:
             u, w = pu.ds_tensor[:n].double(), pw.ds_tensor[:n].double()
         else:
             u, w = pu.data.double(), pw.data.double()
-        sums[0] += (u - w).pow(2).sum()
-        sums[1] += u.pow(2).sum()
-    if sharded and dist.is_initialized() and world_size > 1:
-        dist.all_reduce(sums)
+        sums[0] += float((u - w).pow(2).sum())
+        sums[1] += float(u.pow(2).sum())
+    if sharded:
+        all_reduce(sums)
     return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30))

@@ -7,24 +7,32 @@
         l_u = proxy per-token CE (graph kept);  l_w = reference per-token CE (no grad)
         mask = exact global top-ceil(gamma * n_valid) of l_u - l_w   (all ranks, all micro-batches)
         loss = sum(mask * l_u) / sum(mask) over the global batch;  proxy step
+        checkpoint every checkpoint.interval steps, before every sync, at the end and on a stop request
+
+Fault tolerance (docs/checkpointing.md): complete checkpoints and bit-exact resume (blade/checkpoint.py),
+SIGTERM/SIGUSR1/wall-time stops agreed by all ranks at step boundaries (blade/preempt.py), and a guard
+that skips steps with non-finite losses or gradients.
 """
 from __future__ import annotations
 
 import math
 import os
+import secrets
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from . import engines, selection
+from . import checkpoint, engines, faults, resume, selection
 from .config import BladeConfig, config_to_dict, dump_config
 from .data import DataStream, ShardDataset, eval_batches
 from .diagnostics import SelectionDiagnostics
-from .dist import World
-from .errors import ConfigError
+from .dist import World, all_reduce
+from .errors import BladeError, ConfigError
 from .metrics import MetricsLogger
+from .preempt import Preempted, StopRequest
+from .timing import REF_PHASES, STEP_PHASES, PhaseTimer
 
 IGNORE = -100
 
@@ -49,11 +57,16 @@ def to_micro_batch(batch: dict, device: str) -> MicroBatch:
                       batch["labels"][:, 1:].to(device))
 
 
+class NonFiniteAbort(BladeError):
+    """Too many non-finite steps in a row: the run stops after checkpointing the last good weights."""
+
+
+class _StopNow(Exception):
+    """An agreed stop inside the reference phase or an evaluation (caught in fit)."""
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 class Trainer:
@@ -71,6 +84,12 @@ class Trainer:
             raise ConfigError(f"config error: selection.strategy={sel.strategy} needs data.target "
                               "(the target set the reference trains on)")
         self.uses_reference = sel.strategy in ("rho1", "blade")
+        if cfg.model.init_from:  # the data must be tokenized for the pretrained model's vocabulary
+            from .interop import check_data_compat
+
+            for path in filter(None, (cfg.data.train, cfg.data.target, cfg.data.val)):
+                check_data_compat(cfg.model.init_from, path)
+        resume_path = resume.resume_point(self)  # before the engines: refusals come fast
 
         def stream(ds, seed):
             return DataStream(ds, seed, cfg.data.shuffle, t.micro_batch_size, world.world_size,
@@ -89,16 +108,26 @@ class Trainer:
             self.reference = engines.build_engine(cfg, world.world_size, t.seed, schedule=False,
                                                   bf16=bf16, offload_params=sel.ref_offload)
         self.reference_ready = False  # becomes True once w has been trained (first sync / rho1)
-        self.tokens_seen = 0
-        self.tokens_trained = 0
+        self.last_sync_step = None
+        self.tokens_seen = self.tokens_trained = 0
+        self.nonfinite_skipped = self.nonfinite_streak = 0
+        self.start_step, self.eval_pending = 0, None
+        self.last_saved, self.last_path = None, None  # the newest checkpoint of this run's state
+        self.stop = StopRequest(t.max_wall_time_s)
+        self.timer = PhaseTimer()  # time_<phase>_s in the records; `blade bench` sets sync_cuda
         self.diagnostics = SelectionDiagnostics(self.train_ds.source_names, self.train_ds.label_names,
                                                 cfg.run.dir, world)
+        saved = resume.restore(self, resume_path) if resume_path else None
+        self.wandb_id = saved["wandb_id"] if saved else secrets.token_hex(4)  # os.urandom: no RNG draw
         self.log = MetricsLogger(cfg.run.dir, world.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
                                  cfg.run.name or os.path.basename(os.path.normpath(cfg.run.dir)),
-                                 config_to_dict(cfg), t.steps, cfg.logging.progress)
+                                 config_to_dict(cfg), t.steps, cfg.logging.progress, wandb_id=self.wandb_id)
         if world.is_main:
             dump_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-            os.makedirs(os.path.join(cfg.run.dir, "checkpoints"), exist_ok=True)
+            os.makedirs(checkpoint.root(cfg.run.dir), exist_ok=True)
+        if saved:
+            self.log.first_last().update(saved.get("first_last", {}))
+            checkpoint.set_rng_state(self._saved_rng)  # last: nothing after this may draw random numbers
 
     # ------------------------------------------------------------------ schedule
     def selecting(self, step: int) -> bool:
@@ -125,63 +154,90 @@ class Trainer:
         engines.drop_gathered(engine)
         return loss
 
-    def scores(self, mbs: list[MicroBatch], proxy_losses: list[torch.Tensor]) -> torch.Tensor:
+    def scores(self, mbs: list[MicroBatch], proxy_losses: list[torch.Tensor],
+               ref: list[torch.Tensor] | None = None) -> torch.Tensor:
         """s = l(u) - l(w) per token, [M, B*T]; invalid positions are masked out by the caller."""
-        ref = [self.per_token_loss(self.reference, mb, grad=False) for mb in mbs]
+        if ref is None:
+            ref = [self.per_token_loss(self.reference, mb, grad=False) for mb in mbs]
         return torch.stack([(lu.detach().float() - lw.float()).flatten() for lu, lw in zip(proxy_losses, ref)])
 
     # ------------------------------------------------------------------ one proxy step
     def train_step(self, step: int) -> dict:
         cfg, sel = self.cfg, self.cfg.selection
         t0 = time.perf_counter()
-        mbs = [to_micro_batch(b, self.world.device) for b in self.train_stream.next_step()]
-        t_data = time.perf_counter() - t0
+        self.timer.reset()
+        with self.timer("data_wait"):
+            mbs = [to_micro_batch(b, self.world.device) for b in self.train_stream.next_step()]
         valid = torch.stack([mb.valid.flatten() for mb in mbs])
         keep_graph = len(mbs) == 1  # with accumulation, score first (no grad) and recompute to train
         self.proxy.train()
-        losses = [self.per_token_loss(self.proxy, mb, grad=keep_graph) for mb in mbs]
+        ref_losses = None  # the reference forward first, so its temporaries never meet the proxy's graph
+        if self.selecting(step) and sel.strategy in ("rho1", "blade"):
+            with self.timer("reference_forward"):
+                ref_losses = [self.per_token_loss(self.reference, mb, grad=False) for mb in mbs]
+        with self.timer("proxy_forward"):
+            losses = [self.per_token_loss(self.proxy, mb, grad=keep_graph) for mb in mbs]
+        poison = faults.point("train_step", step)
+        if "nan_loss" in poison:
+            losses = [lu * float("nan") for lu in losses]
+        bad = sum(float((~torch.isfinite(lu.detach()) & mb.valid).sum()) for lu, mb in zip(losses, mbs))
+        n_bad, n_valid = all_reduce_sum([bad, float(valid.sum())])
+        if n_bad:  # the same decision on every rank, before any backward: no update anywhere
+            return self.skip_step(step, int(n_valid), t0, f"{int(n_bad)} non-finite token losses")
 
-        stats, score, t_ref = None, None, 0.0
-        t1 = time.perf_counter()
+        stats, score = None, None
         if not self.selecting(step):
             mask = valid
         elif sel.strategy == "random":
-            mask, stats = selection.select_random(valid, sel.gamma, cfg.train.seed, step)
+            with self.timer("selection"):
+                mask, stats = selection.select_random(valid, sel.gamma, cfg.train.seed, step)
         else:
-            score = self.scores(mbs, losses)
-            t_ref = time.perf_counter() - t1
-            mask, stats = selection.select_by_score(score, valid, sel.gamma)
-        t_select = time.perf_counter() - t1 - t_ref
+            with self.timer("reference_forward"):
+                score = self.scores(mbs, losses, ref_losses)
+            with self.timer("selection"):
+                mask, stats = selection.select_by_score(score, valid, sel.gamma)
         if self.selecting(step) or sel.strategy == "full":  # warm-up steps would blur the rates
             self.diagnostics.observe(step, mask, mbs, cfg, score)
         weights = selection.frank_wolfe_weights(mask, valid, sel.gamma, sel.eta if self.selecting(step) else 1.0)
 
-        total_weight, n_valid, n_selected = all_reduce_sum(
-            [float(weights.sum()), float(valid.sum()), float(mask.sum())])
+        total_weight, n_selected = all_reduce_sum([float(weights.sum()), float(mask.sum())])
         local = [0.0, 0.0]  # sum(w * l), sum(l) over valid tokens: the logged losses
         for m, mb in enumerate(mbs):
-            lu = losses[m] if keep_graph else self.per_token_loss(self.proxy, mb, grad=True)
+            with self.timer("proxy_forward"):
+                lu = losses[m] if keep_graph else self.per_token_loss(self.proxy, mb, grad=True)
             w = weights[m].view_as(lu)
             loss, = selection.masked_mean_loss_scale([lu], [w], total_weight, self.world.world_size)
-            self.proxy.backward(loss, scale_wrt_gas=False)
-            self.proxy.step()
+            if "nan_grad" in poison:
+                loss = faults.nan_grad(loss)
+            with self.timer("backward"):
+                self.proxy.backward(loss, scale_wrt_gas=False)
+            with self.timer("optimizer_step"):
+                self.proxy.step()
             local[0] += float((lu.detach() * w).sum())
             local[1] += float((lu.detach() * mb.valid).sum())
         trained_loss, all_loss = all_reduce_sum(local)
+        grad_norm = self.proxy.get_global_grad_norm()
+        if getattr(self.proxy.optimizer, "overflow", False):  # DeepSpeed skipped it: non-finite grad norm
+            return self.skip_step(step, int(n_valid), t0, "non-finite gradient norm")
+        if grad_norm is not None and not math.isfinite(_float(grad_norm)):
+            raise NonFiniteAbort(f"step {step}: a non-finite gradient was applied (this DeepSpeed setup does "
+                                 "not skip such steps; with ZeRO-1/2 and bf16 set deepspeed.extra.bf16."
+                                 f"check_grad_overflow=true); resume from {self.last_path or 'the start'}")
 
+        self.nonfinite_streak = 0
         self.tokens_seen += int(n_valid)
         self.tokens_trained += int(n_selected)
         record = {
             "kind": "train", "step": step,
             "loss": trained_loss / max(total_weight, 1e-12),   # mean over the tokens trained on
             "loss_all_tokens": all_loss / max(n_valid, 1),      # proxy loss over the whole batch
-            "lr": engines.lr_at(cfg, step), "grad_norm": _float(self.proxy.get_global_grad_norm()),
+            "lr": engines.lr_at(cfg, step), "grad_norm": _float(grad_norm),
             "tokens_seen": self.tokens_seen, "tokens_trained": self.tokens_trained,
             "n_valid": int(n_valid), "n_selected": int(n_selected),
             "kept_fraction": n_selected / max(n_valid, 1),
-            "data_time_s": t_data, "ref_forward_time_s": t_ref, "selection_time_s": t_select,
-            "step_time_s": time.perf_counter() - t0,
+            **self.timer.record(STEP_PHASES), "step_time_s": time.perf_counter() - t0,
             "data_skipped_sequences": self.train_ds.skipped_sequences,
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
         if stats is not None:
             record.update(topk_rounds=stats.rounds, score_threshold=stats.threshold)
@@ -189,40 +245,59 @@ class Trainer:
             record["score_mean"] = self.diagnostics.last_score_mean
         return record
 
+    def skip_step(self, step: int, n_valid: int, t0: float, why: str) -> dict:
+        """A step without an update on any rank: its batch is consumed and the LR schedule advances
+        (it follows the step index), the weights and optimizer moments stay as they were."""
+        if self.proxy.lr_scheduler is not None:
+            self.proxy.lr_scheduler.step()  # DeepSpeed does not step it for a skipped update
+        self.nonfinite_skipped += 1
+        self.nonfinite_streak += 1
+        self.tokens_seen += n_valid
+        return {"kind": "skip", "step": step, "reason": why, "lr": engines.lr_at(self.cfg, step),
+                "n_valid": n_valid, "tokens_seen": self.tokens_seen, "tokens_trained": self.tokens_trained,
+                "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_streak": self.nonfinite_streak,
+                "step_time_s": time.perf_counter() - t0}
+
     # ------------------------------------------------------------------ the reference
     def reference_phase(self, step: int) -> None:
         """Sync w <- u, then K steps of CE(w; b_val) + lam * masked CE(w; b_tr); then w is frozen.
 
         rho1 trains once, from the current proxy, on the target set alone (lam = 0)."""
         sel, t0 = self.cfg.selection, time.perf_counter()
+        self.timer.reset()
         rho1 = sel.strategy == "rho1"
         k_steps = sel.rho1_ref_steps if rho1 else sel.k_ref_steps
         pool, masks = [], []
         if not rho1:  # masks come from the selection rule against the outgoing reference w_prev
-            for _ in range(k_steps):
+            for k in range(k_steps):
+                self.check_stop("ref_score", step, k)
                 mbs = [to_micro_batch(b, self.world.device) for b in self.ref_pool_stream.next_step()]
                 valid = torch.stack([mb.valid.flatten() for mb in mbs])
                 if self.reference_ready:
-                    lu = [self.per_token_loss(self.proxy, mb, grad=False) for mb in mbs]
-                    mask, _ = selection.select_by_score(self.scores(mbs, lu), valid, sel.gamma)
+                    with self.timer("ref_score"):
+                        lu = [self.per_token_loss(self.proxy, mb, grad=False) for mb in mbs]
+                        mask, _ = selection.select_by_score(self.scores(mbs, lu), valid, sel.gamma)
                 else:
                     mask = valid  # first sync: no previous reference, all ones
                 pool.append(mbs)
                 masks.append(mask)
-        t_sync = time.perf_counter()
-        engines.sync_reference(self.proxy, self.reference)
-        t_sync = time.perf_counter() - t_sync
+        with self.timer("sync"):
+            engines.sync_reference(self.proxy, self.reference)
         lr = engines.lr_at(self.cfg, step)  # the proxy's current LR, constant over the phase
         engines.set_lr(self.reference, lr)
         self.reference.train()
         ref_loss = float("nan")
         for k in range(k_steps):
+            self.check_stop("ref_step", step, k)
+            t_step = time.perf_counter()
             targets = [to_micro_batch(b, self.world.device) for b in self.ref_target_stream.next_step()]
-            ref_loss = self.reference_step(targets, None if rho1 else pool[k], None if rho1 else masks[k])
+            with self.timer("ref_train"):
+                ref_loss = self.reference_step(targets, None if rho1 else pool[k], None if rho1 else masks[k])
+            self.stop.note(step_s=time.perf_counter() - t_step)
         self.reference.eval()
-        self.reference_ready = True
+        self.reference_ready, self.last_sync_step = True, step
         self.log.log({"kind": "ref", "step": step, "strategy": sel.strategy, "ref_steps": k_steps,
-                      "ref_lr": lr, "ref_final_loss": ref_loss, "sync_time_s": t_sync,
+                      "ref_lr": lr, "ref_final_loss": ref_loss, **self.timer.record(REF_PHASES),
                       "ref_phase_time_s": time.perf_counter() - t0})
 
     def reference_step(self, targets: list[MicroBatch], pool: list[MicroBatch] | None,
@@ -252,8 +327,9 @@ class Trainer:
         if self.val_ds is None:
             return
         t, total = self.cfg.train, [0.0, 0.0]
-        for batch in eval_batches(self.val_ds, t.micro_batch_size, self.world.world_size,
-                                  self.world.rank, t.eval_batches):
+        for b, batch in enumerate(eval_batches(self.val_ds, t.micro_batch_size, self.world.world_size,
+                                               self.world.rank, t.eval_batches)):
+            self.check_stop("eval_batch", step, b)
             mb = to_micro_batch(batch, self.world.device)
             lu = self.per_token_loss(self.proxy, mb, grad=False)
             total[0] += float((lu * mb.valid).sum())
@@ -264,27 +340,94 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        cfg = self.cfg
-        for step in range(cfg.train.steps):
-            if self.needs_reference_phase(step):
-                self.reference_phase(step)
-            record = self.train_step(step)
-            if self.reference is not None and self.reference_ready and self.diagnostics.due(step, cfg):
-                record["dist_u_w"] = engines.relative_distance(self.proxy, self.reference,
-                                                               self.world.world_size)
-            if self.diagnostics.due(step, cfg):
-                self.log.log(self.diagnostics.flush(step))
-            self.log.log(record)
-            last = step == cfg.train.steps - 1
-            if cfg.train.eval_interval and ((step + 1) % cfg.train.eval_interval == 0 or last):
-                self.evaluate(step)
+        cfg, finished = self.cfg, False
+        self.stop.install()
+        try:
+            if self.eval_pending is not None:  # a stop interrupted this evaluation: finish it first
+                self.evaluate(self.eval_pending)
+                self.eval_pending = None
+            for step in range(self.start_step, cfg.train.steps):
+                self.run_step(step)
+            self.save_checkpoint(cfg.train.steps)
+            finished = True
+        except _StopNow as stop:
+            self.stopped(*stop.args)  # raises Preempted
+        finally:
+            self.stop.uninstall()
+            if not finished:
+                self.log.close()
         summary = {"kind": "summary", "step": cfg.train.steps - 1, "tokens_seen": self.tokens_seen,
-                   "tokens_trained": self.tokens_trained, **self.diagnostics.totals()}
+                   "tokens_trained": self.tokens_trained, "nonfinite_skipped": self.nonfinite_skipped,
+                   **self.diagnostics.totals()}
         self.log.log(summary)
         self.log.close()
         if self.world.is_main:
             print(format_summary(summary, self.log.first_last()), flush=True)
         return summary
+
+    def run_step(self, step: int) -> None:
+        cfg = self.cfg
+        if self.needs_reference_phase(step):
+            self.save_checkpoint(step)  # co-scheduled with the sync: the state before w <- u
+            self.reference_phase(step)
+        record = self.train_step(step)
+        if record["kind"] == "train":
+            if self.reference is not None and self.reference_ready and self.diagnostics.due(step, cfg):
+                record["dist_u_w"] = engines.relative_distance(self.proxy, self.reference,
+                                                               self.world.world_size)
+            self.stop.note(step_s=record["step_time_s"])
+        if self.diagnostics.due(step, cfg):
+            self.log.log(self.diagnostics.flush(step))
+        self.log.log(record)
+        done = step + 1
+        if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+            first = step - self.nonfinite_streak + 1
+            path = self.save_checkpoint(done)
+            raise NonFiniteAbort(f"{self.nonfinite_streak} non-finite steps in a row ({first}..{step}): "
+                                 f"stopped; {path} holds the last good weights. Lower optim.lr, check the "
+                                 "data, or raise train.max_nonfinite_steps")
+        if cfg.train.eval_interval and (done % cfg.train.eval_interval == 0 or done == cfg.train.steps):
+            self.evaluate(step)
+        interval = cfg.checkpoint.interval
+        if interval and done % interval == 0:
+            self.save_checkpoint(done)
+        self.check_stop("step_end", step)
+
+    def check_stop(self, where: str, step: int, index: int | None = None) -> None:
+        """A collective at a point every rank reaches: raise _StopNow if any rank wants to stop."""
+        faults.point(where, step, *([] if index is None else [index]))
+        reason = self.stop.agreed()
+        if reason is not None:
+            raise _StopNow(reason, where, step)
+
+    def stopped(self, reason: str, where: str, step: int) -> None:
+        """Checkpoint what can be resumed exactly, then raise Preempted (the CLI exits with 75)."""
+        if where in ("step_end", "eval_batch"):  # step `step` is done; a cut evaluation is redone first
+            self.eval_pending = step if where == "eval_batch" else None
+            self.save_checkpoint(step + 1)
+            completed = step + 1
+        else:  # inside the reference phase: its partial work is dropped, the checkpoint before it stays
+            completed = self.last_saved or 0
+        self.log.log({"kind": "preempt", "step": completed - 1, "reason": reason, "where": where,
+                      "checkpoint": self.last_path})
+        raise Preempted(reason, completed, self.last_path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def engines(self) -> dict:
+        return resume.engines(self)  # {"proxy": ..., "reference": ...}
+
+    def save_checkpoint(self, completed: int) -> str | None:
+        """Checkpoint the state after `completed` steps (a collective), once per state; see resume.py."""
+        if completed == 0 or completed == self.last_saved:  # step 0 is the seeded initial state
+            return self.last_path
+        seconds, self.last_path = resume.save(self, completed)
+        self.last_saved = completed
+        self.stop.note(save_s=seconds)
+        return self.last_path
+
+    def say(self, message: str) -> None:
+        if self.world.is_main:
+            print(f"blade: {message}", file=sys.stderr, flush=True)
 
 
 def format_summary(summary: dict, first_last: dict) -> str:

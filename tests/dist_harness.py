@@ -10,16 +10,11 @@ re-raised in the parent with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from blade.dist import free_port  # noqa: F401 (tests import it from here)
 
 
 def _worker(rank, world_size, port, fn, args, deepspeed, queue):

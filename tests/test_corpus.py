@@ -9,8 +9,14 @@ from collections import Counter
 
 import pytest
 
-from blade.corpus import (BOILERPLATE, NOISE_KINDS, TEXT_BUDGETS, _join, _pool_segments,
-                          generate_builtin_corpus)
+from blade.corpus import (
+    BOILERPLATE,
+    NOISE_KINDS,
+    TEXT_BUDGETS,
+    _join,
+    _pool_segments,
+    generate_builtin_corpus,
+)
 from blade.errors import ConfigError
 
 FILES = ("target", "val", "pool")

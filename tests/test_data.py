@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from blade.data import DataStream, GlobalOrder, ShardDataset, batch_positions, eval_batches
+from blade.data import (
+    DataStream,
+    GlobalOrder,
+    ShardDataset,
+    batch_positions,
+    eval_batches,
+)
 from blade.errors import DataError
 from blade.prepare import FORMAT, _ShardWriter
 

@@ -11,8 +11,7 @@ from blade.data import ShardDataset
 from blade.errors import DataError
 from blade.prepare import prepare, prepare_splits
 from blade.tokenizer import Tokenizer
-from tests.test_tokenizer import corpus, tok_model  # noqa: F401 (fixtures)
-from tests.test_tokenizer import MARK, VOCAB, corpus_documents
+from tests.test_tokenizer import MARK, VOCAB, corpus, corpus_documents, tok_model  # noqa: F401 (fixtures)
 
 SEQ = 32
 
