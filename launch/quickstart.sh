@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install.sh
 [ -f data/builtin/train/manifest.json ] || .venv/bin/blade prepare --builtin data/builtin
-launch/local.sh "${RANKS:-2}" -c configs/quickstart.yaml "$@"
+# checkpoint.resume=auto: running it again continues runs/quickstart (delete it to start over)
+launch/local.sh "${RANKS:-2}" -c configs/quickstart.yaml checkpoint.resume=auto "$@"
