@@ -41,6 +41,41 @@ def _reduce(value: float, op=None) -> float:
     return float(t.item())
 
 
+def run_tool_on_ranks(script: str, world: int, args: list[str], tag: str, cwd: str):
+    """Run `script --worker ARGS` on `world` local gloo ranks under torchrun (1 thread each) and return
+    the JSON that its rank 0 printed after `TAG ` (the tools/bench_*.py pattern)."""
+    import json
+    import subprocess
+    import sys
+
+    from .dist import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": cwd,
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                          f"--master_port={free_port()}", os.path.abspath(script), "--worker", *args],
+                         capture_output=True, text=True, env=env, cwd=cwd)
+    if out.returncode:
+        sys.stderr.write(out.stderr[-3000:])
+        raise SystemExit(f"{os.path.basename(script)}: {world} ranks failed (exit {out.returncode})")
+    line = next(line for line in out.stdout.splitlines() if line.startswith(tag + " "))
+    return json.loads(line[len(tag) + 1:])
+
+
+def print_tool_result(table: str, rows: list, load_before: str, out: str | None) -> None:
+    """Print a tool's markdown table with the machine load around it; optionally save the rows."""
+    import json
+
+    load_after = loadavg()
+    print(table)
+    print(f"\nload average before {load_before}, after {load_after}; {os.cpu_count()} cores, 1 thread per rank")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"rows": rows, "loadavg_before": load_before.split(), "loadavg_after": load_after.split()},
+                      f, indent=1)
+
+
 def loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:

@@ -8,7 +8,6 @@ applies the inverse, so the imported weights give the same outputs under blade's
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from .errors import BladeError

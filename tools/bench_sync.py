@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from blade.dist import free_port  # noqa: E402 (after the path set-up)
+# after the path set-up, so the tool runs from a checkout without an install
+from blade.bench_probes import loadavg, print_tool_result, run_tool_on_ranks  # noqa: E402
 
 CONFIGS = {"tiny": ("configs/quickstart.yaml", []),
            "100m": ("configs/100m.yaml", ["model.vocab_size=2048", "model.max_seq_len=128"])}
@@ -157,27 +157,10 @@ def main() -> None:
     configs, precisions = args.configs.split(","), args.precisions.split(",")
     if args.worker:
         return worker(configs, precisions, args.repeats)
-    with open("/proc/loadavg") as f:
-        load_before = f.read().split()[:3]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DS_ACCELERATOR": "cpu"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
-                          f"--master_port={free_port()}", os.path.abspath(__file__), "--worker",
-                          "--configs", args.configs, "--precisions", args.precisions,
-                          "--repeats", str(args.repeats)], capture_output=True, text=True, env=env, cwd=ROOT)
-    if out.returncode:
-        sys.stderr.write(out.stderr[-3000:])
-        raise SystemExit(f"bench_sync: failed (exit {out.returncode})")
-    rows = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("SYNC "))[5:])
-    with open("/proc/loadavg") as f:
-        load_after = f.read().split()[:3]
-    print(report(rows))
-    print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; "
-          f"{os.cpu_count()} cores, 1 thread per rank")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "loadavg_before": load_before, "loadavg_after": load_after}, f, indent=1)
-
+    load_before = loadavg()
+    rows = run_tool_on_ranks(__file__, args.ranks, ["--configs", args.configs, "--precisions", args.precisions,
+                                                   "--repeats", str(args.repeats)], "SYNC", ROOT)
+    print_tool_result(report(rows), rows, load_before, args.out)
 
 if __name__ == "__main__":
     main()

@@ -19,14 +19,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from blade.dist import free_port  # noqa: E402 (after the path set-up)
+# after the path set-up, so the tool runs from a checkout without an install
+from blade.bench_probes import loadavg, print_tool_result, run_tool_on_ranks  # noqa: E402
 
 
 def gather_topk_mask(scores, valid, gamma):
@@ -105,19 +105,6 @@ def worker(sizes: list[int], repeats: int) -> None:
     os._exit(0)
 
 
-def run(world: int, sizes: list[int], repeats: int) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-                          f"--master_port={free_port()}", os.path.abspath(__file__), "--worker",
-                          "--sizes", ",".join(str(s) for s in sizes), "--repeats", str(repeats)],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
-    sys.stderr.write(out.stderr[-2000:] if out.returncode else "")
-    if out.returncode:
-        raise SystemExit(f"bench_topk: {world} ranks failed (exit {out.returncode})")
-    line = next(line for line in out.stdout.splitlines() if line.startswith("TOPK "))
-    return json.loads(line[5:])
-
-
 def report(rows: list[dict]) -> str:
     lines = ["| ranks | scores per rank | radix ms (rounds, collectives, bytes) | gather+topk ms (collectives, "
              "bytes) | gather / radix | same mask |", "|---|---|---|---|---|---|"]
@@ -141,8 +128,7 @@ def main() -> None:
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     if args.worker:
         return worker(sizes, args.repeats)
-    with open("/proc/loadavg") as f:
-        load_before = f.read().split()[:3]
+    load_before = loadavg()
     rows = []
     for world in (int(w) for w in args.ranks.split(",")):
         todo = [n for n in sizes if n * world <= args.max_global]
@@ -150,18 +136,9 @@ def main() -> None:
         if skipped:
             print(f"skipping {world} ranks x {skipped} (over --max-global)", file=sys.stderr)
         if todo:
-            rows += run(world, todo, args.repeats)
-    with open("/proc/loadavg") as f:
-        load_after = f.read().split()[:3]
-    text = report(rows)
-    print(text)
-    print(f"\nload average before {' '.join(load_before)}, after {' '.join(load_after)}; "
-          f"{os.cpu_count()} cores, 1 thread per rank")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "loadavg_before": load_before, "loadavg_after": load_after}, f, indent=1)
-
+            rows += run_tool_on_ranks(__file__, world, ["--sizes", ",".join(str(n) for n in todo),
+                                                        "--repeats", str(args.repeats)], "TOPK", ROOT)
+    print_tool_result(report(rows), rows, load_before, args.out)
 
 if __name__ == "__main__":
     main()
