@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import flops
+from .dist import all_reduce, free_port
 
 
 def _cuda(device: str) -> bool:
@@ -33,12 +34,7 @@ def barrier() -> None:
 
 def _reduce(value: float, op=None) -> float:
     """One float reduced over the ranks; on a device tensor under nccl (it takes no CPU tensors)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return float(t.item())
+    return float(all_reduce(torch.tensor([value], dtype=torch.float64), op)[0])
 
 
 def run_tool_on_ranks(script: str, world: int, args: list[str], tag: str, cwd: str):
@@ -48,7 +44,6 @@ def run_tool_on_ranks(script: str, world: int, args: list[str], tag: str, cwd: s
     import subprocess
     import sys
 
-    from .dist import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": cwd,
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import faults
+from .dist import all_reduce
 from .errors import BladeError
 
 FORMAT = "blade-checkpoint-1"
@@ -251,12 +252,7 @@ def check_files(path: str, engines: dict, rank: int) -> str | None:
 def load(path: str, engines: dict, rank: int) -> dict:
     """Load every engine and return this rank's state (after the caller checked compatibility)."""
     missing = check_files(path, engines, rank)
-    bad = torch.tensor([float(missing is not None)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from .preempt import collective_device
-
-        bad = bad.to(collective_device())
-        dist.all_reduce(bad)
+    bad = all_reduce(torch.tensor([float(missing is not None)]))
     if bad.item():
         where = f": {missing} is missing" if missing else " on another rank"
         raise CheckpointError(f"checkpoint {path} is damaged{where}; use an earlier checkpoint")

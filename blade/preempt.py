@@ -15,6 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from .dist import all_reduce
+
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -79,22 +81,13 @@ class StopRequest:
     # -------------------------------------------------------------- agreement (a collective)
     def agreed(self) -> str | None:
         """The reason to stop if any rank has one (the same answer on every rank), else None."""
-        flags = torch.tensor([float(self.signal is not None), float(self.out_of_time())])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flags = flags.to(collective_device())
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = all_reduce(torch.tensor([float(self.signal is not None), float(self.out_of_time())]),
+                           dist.ReduceOp.MAX)
         if flags[0]:
             return f"signal {self.signal}" if self.signal else "signal on another rank"
         if flags[1]:
             return f"wall time (train.max_wall_time_s={self.max_wall_time_s:g})"
         return None
-
-
-def collective_device() -> str:
-    """Where a small tensor must live for an all-reduce: NCCL only reduces CUDA tensors."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return f"cuda:{torch.cuda.current_device()}"
-    return "cpu"
 
 
 def _process_start() -> float:
