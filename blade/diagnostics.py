@@ -1,5 +1,6 @@
-"""What the selection did: per-source and per-label selection rates, score histograms (paper Fig. 3),
-and sample sequences with their masks for `blade inspect`.
+"""What the selection did: per-source and per-label selection rates, mean proxy loss and mean score
+(which of the two signals separates a kind of noise), score histograms (paper Fig. 3), and sample
+sequences with their masks for `blade inspect`.
 
 Counts accumulate locally every step and are all-reduced only when a diagnostics record is written,
 so the per-step cost is a couple of bincounts.
@@ -15,8 +16,7 @@ import torch.distributed as dist
 from .dist import all_reduce
 
 HIST_BINS = 40
-
-
+ROWS = ("selected", "total", "proxy_loss", "score", "scored")  # per-name accumulators
 
 
 class SelectionDiagnostics:
@@ -24,7 +24,7 @@ class SelectionDiagnostics:
         self.sources = list(source_names)
         self.labels = ["none"] + list(label_names)  # label id 0 = unlabelled
         self.run_dir, self.world = run_dir, world
-        shape = (2, len(self.sources)), (2, len(self.labels))  # rows: selected, total
+        shape = (len(ROWS), len(self.sources)), (len(ROWS), len(self.labels))
         self.window = [torch.zeros(s, dtype=torch.float64) for s in shape]
         self.run_total = [torch.zeros(s, dtype=torch.float64) for s in shape]
         self.hist = None
@@ -34,14 +34,19 @@ class SelectionDiagnostics:
         interval = cfg.selection.diag_interval
         return bool(interval) and ((step + 1) % interval == 0 or step == cfg.train.steps - 1)
 
-    def observe(self, step: int, mask: torch.Tensor, mbs: list, cfg, score: torch.Tensor | None = None):
-        """Count selected/total tokens per source and label; histogram the scores on diag steps."""
+    def observe(self, step: int, mask: torch.Tensor, mbs: list, cfg, proxy_loss: torch.Tensor,
+                score: torch.Tensor | None = None):
+        """Count selected/total tokens and sum the proxy losses (and scores) per source and label;
+        histogram the scores on diag steps. mask, proxy_loss, score: [micro-batches, B*T]."""
         valid = torch.stack([mb.valid.flatten() for mb in mbs]).cpu()  # the counters live on the CPU
+        rows = [mask.cpu()[valid].double(), None, proxy_loss.detach().cpu()[valid].double()]
+        if score is not None:
+            rows += [score.cpu()[valid].double(), None]
         for acc, key in zip(self.window, ("sources", "labels")):
             ids = torch.stack([getattr(mb, key).flatten() for mb in mbs]).cpu()[valid].long()
             n = acc.shape[1]
-            acc[0] += torch.bincount(ids, weights=mask.cpu()[valid].double(), minlength=n)[:n]
-            acc[1] += torch.bincount(ids, minlength=n)[:n].double()
+            for row, weights in enumerate(rows):
+                acc[row] += torch.bincount(ids, weights=weights, minlength=n)[:n].double()
         if score is None:
             return
         s = score.cpu()[valid].float()
@@ -71,10 +76,14 @@ class SelectionDiagnostics:
             f.write(json.dumps(record) + "\n")
 
     def _rates(self, counts: list[torch.Tensor]) -> dict:
+        """{name: selected, total, rate, mean proxy loss, mean score (None where not measured)}."""
+        def mean(total, count):
+            return float(total / count) if count > 0 else None
+
         out = {}
         for names, c, key in zip((self.sources, self.labels), counts, ("by_source", "by_label")):
-            out[key] = {name: {"selected": int(c[0, i]), "total": int(c[1, i]),
-                               "rate": float(c[0, i] / c[1, i]) if c[1, i] > 0 else None}
+            out[key] = {name: {"selected": int(c[0, i]), "total": int(c[1, i]), "rate": mean(c[0, i], c[1, i]),
+                               "proxy_loss": mean(c[2, i], c[1, i]), "score": mean(c[3, i], c[4, i])}
                         for i, name in enumerate(names)}
         return out
 

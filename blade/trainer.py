@@ -197,7 +197,8 @@ class Trainer:
             with self.timer("selection"):
                 mask, stats = selection.select_by_score(score, valid, sel.gamma)
         if self.selecting(step) or sel.strategy == "full":  # warm-up steps would blur the rates
-            self.diagnostics.observe(step, mask, mbs, cfg, score)
+            proxy_loss = torch.stack([lu.detach().float().flatten() for lu in losses])
+            self.diagnostics.observe(step, mask, mbs, cfg, proxy_loss, score)
         weights = selection.frank_wolfe_weights(mask, valid, sel.gamma, sel.eta if self.selecting(step) else 1.0)
 
         total_weight, n_selected = all_reduce_sum([float(weights.sum()), float(mask.sum())])
@@ -283,7 +284,9 @@ class Trainer:
                 masks.append(mask)
         with self.timer("sync"):
             engines.sync_reference(self.proxy, self.reference)
-        lr = engines.lr_at(self.cfg, step)  # the proxy's current LR, constant over the phase
+        # the proxy's scheduled LR, constant over the phase; past the proxy's warm-up, which a fresh
+        # optimizer does not share (a sync at step 0 would otherwise train w at lr / warmup_steps)
+        lr = engines.lr_at(self.cfg, max(step, self.cfg.optim.warmup_steps))
         engines.set_lr(self.reference, lr)
         self.reference.train()
         ref_loss = float("nan")
@@ -336,7 +339,8 @@ class Trainer:
             total[1] += float(mb.valid.sum())
         loss_sum, count = all_reduce_sum(total)
         self.log.log({"kind": "eval", "step": step, "val_loss": loss_sum / max(count, 1),
-                      "val_tokens": int(count), "tokens_seen": self.tokens_seen})
+                      "val_tokens": int(count), "tokens_seen": self.tokens_seen,
+                      "tokens_trained": self.tokens_trained})
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:

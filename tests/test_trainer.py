@@ -63,9 +63,16 @@ def test_blade_one_vs_two_ranks_with_accumulation(tmp_path, builtin_data):
     """BLADE with syncs and reference phases: 1 rank x 2 accumulation micro-batches == 2 ranks x 1."""
     common = ("selection.strategy=blade", "selection.tau=3", "selection.k_ref_steps=2", "train.steps=7",
               "train.micro_batch_size=4", "selection.diag_interval=3")
-    one, _, _ = run(tmp_path, builtin_data, "one", 1, *common, "train.grad_accum=2")
+    one, _, one_summary = run(tmp_path, builtin_data, "one", 1, *common, "train.grad_accum=2")
     two, records, summary = run(tmp_path, builtin_data, "two", 2, *common)
     assert_same_losses(one, two, rtol=1e-4)
+    for key in ("by_label", "by_source"):  # counts exact; mean proxy losses and scores to rounding
+        for name, a in one_summary[key].items():
+            b = summary[key][name]
+            assert (a["selected"], a["total"]) == (b["selected"], b["total"]), (key, name)
+            for stat in ("proxy_loss", "score"):
+                assert (a[stat] is None) == (b[stat] is None) and (
+                    a[stat] is None or a[stat] == pytest.approx(b[stat], rel=1e-4, abs=1e-5)), (name, stat)
     for r in two:
         assert r["n_selected"] == -(-6 * r["n_valid"] // 10)  # ceil(0.6 * n_valid), exactly
         assert r["topk_rounds"] <= 6
