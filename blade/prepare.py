@@ -136,7 +136,7 @@ def _tokenize(doc: Document, tok: Tokenizer, sources: _Names, labels: _Names):
     return np.array(ids + [tok.eos_id], dtype=np.int32), src, lab
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -167,7 +167,7 @@ class _ShardWriter:
             shard = self.shards[-1]
             path = os.path.join(self.out_dir, shard["name"])
             sequences = self.count - (len(self.shards) - 1) * self.per_shard
-            shard.update(sequences=sequences, sha256=_sha256(path), bytes=os.path.getsize(path))
+            shard.update(sequences=sequences, sha256=sha256_file(path), bytes=os.path.getsize(path))
             self.writer = None
 
     def close(self) -> list[dict]:
