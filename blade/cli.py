@@ -1,12 +1,14 @@
 """`blade` command line: prepare, train, inspect. Each subcommand mirrors the function it calls.
 
     blade prepare --builtin data/builtin                 # the built-in corpus, no download
+    blade prepare --recipe debian-docs --out data/debian-docs [--quick]   # real text from Debian packages
     blade prepare docs.jsonl more.txt --out data/mine --seq-len 512 --vocab-size 8000
     blade train configs/quickstart.yaml train.steps=50 selection.strategy=rho1 [--dry-run]
     blade inspect runs/quickstart
     launch/local.sh 2 --cmd bench -c configs/quickstart.yaml --strategies full,blade   # throughput
     blade export-hf weights.safetensors out/hf --tokenizer data/mine/tokenizer.json
     blade export runs/quickstart out/model               # newest checkpoint -> fp32 safetensors + config
+    blade experiment --out runs/experiment [--quick]     # full / random / rho1 / blade on real data
 """
 from __future__ import annotations
 
@@ -20,6 +22,16 @@ from .errors import BladeError
 def cmd_prepare(args) -> None:
     from .prepare import prepare, prepare_splits
 
+    if args.recipe:
+        from .recipes import RECIPES
+
+        if not args.out:
+            raise BladeError(f"prepare --recipe {args.recipe} needs --out DIR")
+        manifest = RECIPES[args.recipe](args.out, args.cache, size="quick" if args.quick else "default",
+                                        seed=args.seed)
+        counts = ", ".join(f"{k} {v['sequences']:,}" for k, v in manifest["splits"].items())
+        print(f"prepared the {args.recipe} corpus in {args.out} (sequences: {counts}); see recipe.json")
+        return
     if args.builtin:
         from .corpus import generate_builtin_corpus
 
@@ -154,6 +166,25 @@ def cmd_export_hf(args) -> None:
     print(f"wrote a Hugging Face Llama checkpoint to {out}")
 
 
+def cmd_experiment(args) -> None:
+    from .experiment import EXIT_PREEMPTED, Preempted, run_experiment
+
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    data = args.data or ("data/debian-docs-quick" if args.quick else "data/debian-docs")
+    try:
+        report = run_experiment(args.out, data, args.cache, quick=args.quick, ranks=args.ranks,
+                                strategies=strategies, seed=args.seed, overrides=tuple(args.overrides),
+                                command="blade " + " ".join(sys.argv[1:]))
+    except Preempted as e:
+        print(f"blade: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    print(f"wrote {report}")
+
+
+def _default_cache() -> str:
+    return os.environ.get("BLADE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "blade"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blade", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,12 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("inputs", nargs="*", help="JSONL (text, source, labels) or .txt files")
     pp.add_argument("--out", help="output directory")
     pp.add_argument("--builtin", metavar="DIR", help="generate and prepare the built-in corpus in DIR")
+    pp.add_argument("--recipe", choices=("debian-docs",), help="build a real corpus from packages "
+                    "fetched by name (needs apt-get and network; writes --out)")
+    pp.add_argument("--quick", action="store_true", help="--recipe: the small size (CI, minutes)")
+    pp.add_argument("--cache", default=_default_cache(), help="--recipe: where fetched packages are kept "
+                    "(default $BLADE_CACHE or ~/.cache/blade)")
     pp.add_argument("--tokenizer", help="existing SentencePiece .model, Hugging Face tokenizer.json "
                     "or .gguf (its embedded tokenizer) (default: train a SentencePiece model)")
     pp.add_argument("--vocab-size", type=int, default=2048)
     pp.add_argument("--seq-len", type=int, default=128)
     pp.add_argument("--shard-sequences", type=int, default=512)
-    pp.add_argument("--seed", type=int, default=0, help="built-in corpus seed")
+    pp.add_argument("--seed", type=int, default=0, help="built-in corpus / recipe seed")
     pp.add_argument("--scale", type=float, default=1.0, help="built-in corpus size multiplier")
     pp.set_defaults(func=cmd_prepare)
 
@@ -213,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "tokenizer files next to the weights)")
     pe.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     pe.set_defaults(func=cmd_export_hf)
+    pr = sub.add_parser("experiment", help="selection quality on real data: pretrain a base model, "
+                        "continue it with each strategy, report (README \"Results\")")
+    pr.add_argument("overrides", nargs="*", help="section.key=value for the continual runs")
+    pr.add_argument("--out", default="runs/experiment", help="output directory (stages + report/)")
+    pr.add_argument("--quick", action="store_true", help="the small size that runs in minutes (CI)")
+    pr.add_argument("--data", help="recipe output directory (default data/debian-docs[-quick]; built "
+                    "if absent)")
+    pr.add_argument("--cache", default=_default_cache(), help="fetched packages (default $BLADE_CACHE or "
+                    "~/.cache/blade)")
+    pr.add_argument("--ranks", type=int, default=2, help="local processes per training stage")
+    pr.add_argument("--strategies", default="full,random,rho1,blade", help="comma-separated subset")
+    pr.add_argument("--seed", type=int, default=1234, help="train.seed of every stage")
+    pr.set_defaults(func=cmd_experiment)
     return p
 
 
