@@ -23,12 +23,12 @@ def cmd_prepare(args) -> None:
     from .prepare import prepare, prepare_splits
 
     if args.recipe:
-        from .recipes import RECIPES
+        from .recipes.debian_docs import build_debian_docs  # the one recipe (--recipe choices)
 
         if not args.out:
             raise BladeError(f"prepare --recipe {args.recipe} needs --out DIR")
-        manifest = RECIPES[args.recipe](args.out, args.cache, size="quick" if args.quick else "default",
-                                        seed=args.seed)
+        manifest = build_debian_docs(args.out, args.cache, size="quick" if args.quick else "default",
+                                     seed=args.seed)
         counts = ", ".join(f"{k} {v['sequences']:,}" for k, v in manifest["splits"].items())
         print(f"prepared the {args.recipe} corpus in {args.out} (sequences: {counts}); see recipe.json")
         return

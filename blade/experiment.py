@@ -10,7 +10,7 @@
 5. report: target validation loss curves, selected-token rates per noise label against their base
            rates, score histograms (paper Fig. 3), Dist(u, w) (Fig. 4) -> OUT/report/ (experiment_report)
 
-Every stage is a `blade train` on --ranks local processes under torchrun; its output goes to
+Every stage is a `blade train` on --ranks local processes (launch/local.sh); its output goes to
 OUT/<stage>/train.log. A finished stage leaves OUT/<stage>/DONE (with its settings) and is skipped
 on the next invocation; an interrupted one resumes from its last checkpoint (checkpoint.resume=auto).
 Overrides given on the command line apply to the continual runs (after the derived schedule).
@@ -40,9 +40,7 @@ def scaled_schedule(steps: int) -> dict:
             "selection.diag_interval": max(1, tau // 4)}
 
 
-def _config_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                        "experiment")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # configs/ and launch/ live here
 
 
 class Stage:
@@ -73,13 +71,10 @@ class Stage:
         os.makedirs(self.dir, exist_ok=True)
         log = os.path.join(self.dir, "train.log")
         say(f"{self.name}: training on {ranks} rank(s), log {log}")
-        from .dist import free_port
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "blade", "train",
-               self.config, f"run.dir={self.run_dir}", *self.overrides]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)),
-               "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", _accelerator())}
+        # the project's local launcher: torchrun, a free port, the accelerator, threads per rank
+        cmd = ["bash", os.path.join(_ROOT, "launch", "local.sh"), str(ranks), "-c", self.config,
+               f"run.dir={self.run_dir}", *self.overrides]
+        env = {**os.environ, "PYTHON": sys.executable}
         t0 = time.time()
         with open(log, "a") as f:
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -96,12 +91,6 @@ class Stage:
 
 class Preempted(BladeError):
     """A stage exited with 75 (SIGTERM/SIGUSR1): the experiment stops with 75 too and resumes on rerun."""
-
-
-def _accelerator() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _prepare_data(data: str, cache: str, size: str, say) -> dict:
@@ -153,7 +142,7 @@ def run_experiment(out: str, data: str, cache: str, quick: bool = False, ranks: 
         raise BladeError(f"unknown strategies {unknown}: choose from {', '.join(STRATEGIES)}")
     t0 = time.time()
     manifest = _prepare_data(data, cache, "quick" if quick else "default", say)
-    base_yaml, continual_yaml = (os.path.join(_config_dir(), c) for c in CONFIGS[quick])
+    base_yaml, continual_yaml = (os.path.join(_ROOT, "configs", "experiment", c) for c in CONFIGS[quick])
     paths = [f"data.train={data}/base", f"data.val={data}/val", f"data.target={data}/target"]
     base = Stage(out, "base", base_yaml, [*paths, f"train.seed={seed}"])
     times = {"base": base.run(ranks, say)}

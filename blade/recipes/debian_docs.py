@@ -103,6 +103,10 @@ def normalise(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
 def _hash(*parts) -> str:
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
 
@@ -136,7 +140,7 @@ def dedupe(groups: list[list[Doc]]) -> tuple[list[list[Doc]], int]:
     for docs in groups:
         kept = []
         for doc in docs:
-            key = hashlib.sha256(doc.text.encode()).digest()
+            key = _digest(doc.text)
             if key in seen:
                 removed += 1
             else:
@@ -147,7 +151,7 @@ def dedupe(groups: list[list[Doc]]) -> tuple[list[list[Doc]], int]:
 
 
 def _paragraph_hashes(docs: list[Doc]) -> set[bytes]:
-    return {hashlib.sha256(p.encode()).digest() for d in docs for p in d.text.split("\n\n")
+    return {_digest(p) for d in docs for p in d.text.split("\n\n")
             if len(p) >= LEAK_PARAGRAPH_CHARS}
 
 
@@ -156,7 +160,7 @@ def drop_val_paragraphs(docs: list[Doc], val_hashes: set[bytes]) -> tuple[list[D
     out, dropped = [], 0
     for doc in docs:
         paragraphs = doc.text.split("\n\n")
-        kept = [p for p in paragraphs if hashlib.sha256(p.encode()).digest() not in val_hashes]
+        kept = [p for p in paragraphs if _digest(p) not in val_hashes]
         dropped += len(paragraphs) - len(kept)
         if len(kept) != len(paragraphs):
             doc = Doc(doc.source, doc.src, "\n\n".join(kept), doc.labels)
@@ -167,13 +171,13 @@ def drop_val_paragraphs(docs: list[Doc], val_hashes: set[bytes]) -> tuple[list[D
 
 def leak_check(val: list[dict], others: dict[str, list[dict]]) -> dict:
     """By hash: val documents and val paragraphs (100+ chars) found in each other dataset (want 0)."""
-    val_docs = {hashlib.sha256(r["text"].encode()).digest() for r in val}
+    val_docs = {_digest(r["text"]) for r in val}
     val_pars = _paragraph_hashes([Doc("", "", r["text"]) for r in val])
     report = {}
     for name, records in others.items():
         docs = [Doc("", "", r["text"]) for r in records]
         report[name] = {
-            "val_documents": sum(hashlib.sha256(d.text.encode()).digest() in val_docs for d in docs),
+            "val_documents": sum(_digest(d.text) in val_docs for d in docs),
             "val_paragraphs": len(_paragraph_hashes(docs) & val_pars)}
     return report
 
@@ -355,13 +359,14 @@ def build_debian_docs(out_dir: str, cache: str, size: str = "default", seed: int
                                    sz.vocab_size, os.path.join(raw, "tokenizer.model"), seed=seed)
     manifests = prepare_splits({k: [os.path.join(raw, f"{k}.jsonl")] for k in records}, out_dir,
                                seq_len=sz.seq_len, tokenizer=tok_path)
+    tok = Tokenizer(tok_path)
     manifest = {
         "recipe": "debian-docs", "size": size, "seed": seed, "settings": sz.__dict__,
         "pool_mix": POOL_MIX, "split_percent": {"val": VAL_PERCENT, "target": TARGET_PERCENT},
         "packages": {n: {k: v for k, v in i.items() if k != "root"} for n, i in debs.items()},
         "sdists": {sdist["name"]: {k: v for k, v in sdist.items() if k != "path"}},
-        "tokenizer": {"vocab_size": Tokenizer(tok_path).vocab_size,
-                      "sha256": Tokenizer(tok_path).fingerprint, "trained_on": ["base", "target"]},
+        "tokenizer": {"vocab_size": tok.vocab_size, "sha256": tok.fingerprint,
+                      "trained_on": ["base", "target"]},
         **stats, "leak_check": leaks,
         "splits": {k: {**_split_stats(records[k]), "sequences": manifests[k]["num_sequences"],
                        "label_token_counts": manifests[k]["label_token_counts"]} for k in records},
