@@ -16,14 +16,14 @@ import argparse
 import os
 import sys
 
-from .errors import BladeError
+from blade.errors import BladeError
 
 
 def cmd_prepare(args) -> None:
-    from .prepare import prepare, prepare_splits
+    from blade.data.prepare import prepare, prepare_splits
 
     if args.recipe:
-        from .recipes.debian_docs import build_debian_docs  # the one recipe (--recipe choices)
+        from blade.data.recipes.debian_docs import build_debian_docs  # the one recipe (--recipe choices)
 
         if not args.out:
             raise BladeError(f"prepare --recipe {args.recipe} needs --out DIR")
@@ -33,7 +33,7 @@ def cmd_prepare(args) -> None:
         print(f"prepared the {args.recipe} corpus in {args.out} (sequences: {counts}); see recipe.json")
         return
     if args.builtin:
-        from .corpus import generate_builtin_corpus
+        from blade.data.corpus import generate_builtin_corpus
 
         raw = os.path.join(args.builtin, "raw")
         generate_builtin_corpus(raw, seed=args.seed, scale=args.scale)
@@ -61,7 +61,7 @@ def split_config_args(items: list[str], config: str | None) -> tuple[str | None,
 def cmd_train(args) -> None:
     import yaml
 
-    from .config import check_paths, config_to_dict, describe_layout, load_config
+    from blade.config import check_paths, config_to_dict, describe_layout, load_config
 
     path, overrides = split_config_args(args.items, args.config)
     cfg = load_config(path, overrides)
@@ -74,7 +74,7 @@ def cmd_train(args) -> None:
     check_paths(cfg)
 
     def train(world) -> None:
-        from .trainer import Trainer
+        from blade.train.loop import Trainer
 
         Trainer(cfg, world).fit()
 
@@ -84,8 +84,8 @@ def cmd_train(args) -> None:
 def run_on_ranks(cfg, body) -> None:
     """Set up this rank, run body(world), exit: 75 after a stop request (checkpoint written),
     2 for a user error (one line), 1 for a crash (traceback)."""
-    from . import dist
-    from .preempt import EXIT_PREEMPTED, Preempted
+    from blade.runtime import dist
+    from blade.runtime.preempt import EXIT_PREEMPTED, Preempted
 
     world = dist.setup(cfg.dist.timeout_s, cfg.dist.backend, cfg.dist.threads_per_rank)
     code = 0
@@ -117,7 +117,7 @@ def _manifest_seq_len(path: str) -> int | None:
 
 
 def cmd_bench(args) -> None:
-    from .config import check_paths, load_config
+    from blade.config import check_paths, load_config
 
     path, overrides = split_config_args(args.items, args.config)
     cfg = load_config(path, overrides)
@@ -125,7 +125,7 @@ def cmd_bench(args) -> None:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
 
     def bench(world) -> None:
-        from .bench import run_bench
+        from blade.bench.run import run_bench
 
         say = print if world.is_main else (lambda *a, **k: None)
         result = run_bench(path, overrides, world, strategies, args.warmup, args.steps, args.out,
@@ -140,25 +140,25 @@ def cmd_bench(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .inspect import inspect_run
+    from blade.inspect_run import inspect_run
 
     out = inspect_run(args.run_dir, args.out)
     print(f"wrote plots and {os.path.join(out, 'index.html')}")
 
 
 def cmd_export(args) -> None:
-    from .export import export
+    from blade.interop.export import export
 
     meta = export(args.checkpoint, args.out)
     print(f"exported the proxy of {meta['source']} (after {meta['step']} steps) to {args.out}")
 
 
 def cmd_export_hf(args) -> None:
-    from .interop import export_hf
+    from blade.interop.pretrained import export_hf
 
     model_config = None
     if args.config:
-        from .config import load_config
+        from blade.config import load_config
 
         model_config = load_config(args.config).model
     out = export_hf(args.weights, args.out, model_config=model_config, tokenizer=args.tokenizer,
@@ -167,7 +167,7 @@ def cmd_export_hf(args) -> None:
 
 
 def cmd_experiment(args) -> None:
-    from .experiment import EXIT_PREEMPTED, Preempted, run_experiment
+    from blade.experiment.run import EXIT_PREEMPTED, Preempted, run_experiment
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     data = args.data or ("data/debian-docs-quick" if args.quick else "data/debian-docs")
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.set_defaults(func=cmd_bench)
 
     px = sub.add_parser("export", help="a training checkpoint -> fp32 safetensors + config.yaml (no DeepSpeed "
-                        "needed to load: blade.export.load_exported)")
+                        "needed to load: blade.interop.export.load_exported)")
     px.add_argument("checkpoint", help="a checkpoints/step_* directory, or a run directory (its newest)")
     px.add_argument("out", help="output directory: model.safetensors, config.yaml, export.json")
     px.set_defaults(func=cmd_export)

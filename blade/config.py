@@ -346,7 +346,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> BladeConfig:
     for override in overrides:
         _apply_override(raw, override)
     if isinstance(raw.get("model"), dict) and raw["model"].get("init_from") is not None:
-        from .interop import merge_pretrained_config
+        from blade.interop.pretrained import merge_pretrained_config
 
         raw["model"] = merge_pretrained_config(raw["model"])  # the shape comes from the checkpoint
     cfg = _from_dict(raw)

@@ -15,8 +15,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def builtin_data(tmp_path_factory) -> str:
     """The built-in corpus (30 % scale), tokenised with a 512-piece model into 64-token sequences."""
-    from blade.corpus import generate_builtin_corpus
-    from blade.prepare import prepare_splits
+    from blade.data.corpus import generate_builtin_corpus
+    from blade.data.prepare import prepare_splits
 
     out = str(tmp_path_factory.mktemp("builtin"))
     raw = os.path.join(out, "raw")

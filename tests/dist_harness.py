@@ -14,7 +14,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from blade.dist import free_port  # noqa: F401 (tests import it from here)
+from blade.runtime.dist import free_port  # noqa: F401 (tests import it from here)
 
 
 def _worker(rank, world_size, port, fn, args, deepspeed, queue):
@@ -30,7 +30,7 @@ def _worker(rank, world_size, port, fn, args, deepspeed, queue):
         torch.set_num_threads(1)
         timeout = datetime.timedelta(seconds=120)
         if deepspeed:
-            from blade.dist import init_deepspeed_distributed
+            from blade.runtime.dist import init_deepspeed_distributed
 
             init_deepspeed_distributed(timeout)
         else:

@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from blade import bench_probes, bench_report, flops
+from blade.bench import probes as bench_probes
+from blade.bench import report as bench_report
 from blade.config import load_config
-from blade.timing import PhaseTimer
+from blade.model import flops
+from blade.runtime.timing import PhaseTimer
 from tests.conftest import ROOT, TINY, tiny_overrides
 from tests.dist_harness import run_distributed
 

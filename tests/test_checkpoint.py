@@ -17,10 +17,11 @@ import time
 import pytest
 import torch
 
-from blade import checkpoint, export, faults
 from blade.errors import BladeError
-from blade.metrics import read_metrics
-from blade.preempt import EXIT_PREEMPTED, StopRequest
+from blade.interop import export
+from blade.runtime import checkpoint, faults
+from blade.runtime.metrics import read_metrics
+from blade.runtime.preempt import EXIT_PREEMPTED, StopRequest
 from tests.conftest import ROOT, TINY, tiny_overrides
 from tests.dist_harness import free_port, run_distributed
 
@@ -311,8 +312,8 @@ def test_resume_on_another_world_size(builtin_data, tmp_path, before, after):
 
 def _train_and_score(rank, world, overrides, tokens):
     from blade.config import load_config
-    from blade.dist import World
-    from blade.trainer import Trainer
+    from blade.runtime.dist import World
+    from blade.train.loop import Trainer
 
     cfg = load_config(TINY, overrides)
     tr = Trainer(cfg, World(rank, world, rank, "cpu"))
@@ -326,7 +327,7 @@ def _train_and_score(rank, world, overrides, tokens):
 
 @pytest.fixture(scope="module")
 def exported_run(builtin_data, tmp_path_factory):
-    from blade.data import ShardDataset
+    from blade.data.reader import ShardDataset
 
     run_dir = str(tmp_path_factory.mktemp("export_run"))
     val = ShardDataset(os.path.join(builtin_data, "val"))
@@ -392,8 +393,8 @@ def test_export_errors_are_clear(exported_run, tmp_path):
 
 def _refusals(rank, world, attempts):
     from blade.config import load_config
-    from blade.dist import World
-    from blade.trainer import Trainer
+    from blade.runtime.dist import World
+    from blade.train.loop import Trainer
 
     messages = []
     for overrides in attempts:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from blade.metrics import read_metrics
+from blade.runtime.metrics import read_metrics
 from tests.dist_harness import run_distributed
 from tests.test_interop import PROSE, SMOL, needs_smol
 
@@ -14,15 +14,15 @@ pytestmark = [pytest.mark.slow, needs_smol]
 
 def _fit(rank, world, config_path):
     from blade.config import load_config
-    from blade.dist import World
-    from blade.trainer import Trainer
+    from blade.runtime.dist import World
+    from blade.train.loop import Trainer
 
     return Trainer(load_config(config_path), World(rank, world, rank, "cpu")).fit()
 
 
 def test_blade_continues_from_the_imported_model(tmp_path):
-    from blade.corpus import generate_builtin_corpus
-    from blade.prepare import prepare_splits
+    from blade.data.corpus import generate_builtin_corpus
+    from blade.data.prepare import prepare_splits
 
     raw = tmp_path / "raw"
     generate_builtin_corpus(str(raw), seed=3, scale=0.03)

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from blade.corpus import (
+from blade.data.corpus import (
     BOILERPLATE,
     NOISE_KINDS,
     TEXT_BUDGETS,

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from blade.data import (
+from blade.data.prepare import FORMAT, _ShardWriter
+from blade.data.reader import (
     DataStream,
     GlobalOrder,
     ShardDataset,
@@ -20,7 +21,6 @@ from blade.data import (
     eval_batches,
 )
 from blade.errors import DataError
-from blade.prepare import FORMAT, _ShardWriter
 
 N, PER_SHARD, SEQ = 48, 10, 8  # shards of 10, 10, 10, 10, 8 samples
 BAD = "shard-000001.tar"       # holds samples 10..19

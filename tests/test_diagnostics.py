@@ -1,9 +1,9 @@
 """SelectionDiagnostics' per-source and per-label counts and means against a direct computation."""
 import torch
 
-from blade.diagnostics import SelectionDiagnostics
-from blade.dist import World
-from blade.trainer import IGNORE, MicroBatch
+from blade.runtime.dist import World
+from blade.train.diagnostics import SelectionDiagnostics
+from blade.train.loop import IGNORE, MicroBatch
 
 
 class _Cfg:

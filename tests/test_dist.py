@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from blade.dist import first_slurm_host, map_launcher_env
-from blade.metrics import read_metrics
+from blade.runtime.dist import first_slurm_host, map_launcher_env
+from blade.runtime.metrics import read_metrics
 from tests.conftest import ROOT, TINY, tiny_overrides
 from tests.dist_harness import free_port
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from blade import engines
 from blade.config import load_config
+from blade.train import engines
 from tests.conftest import TINY
 from tests.dist_harness import run_distributed
 
@@ -120,8 +120,8 @@ def _grad_case(rank, world, tie):
     """ZeRO-3 gradient of the global masked mean vs plain torch on the concatenated batch."""
     import deepspeed
 
-    from blade import selection
-    from blade.model import Transformer
+    from blade.model.transformer import Transformer
+    from blade.train import selection
 
     cfg = _cfg(f"model.tie_embeddings={str(tie).lower()}")
     P = engines.build_engine(cfg, world, seed=3, schedule=True)

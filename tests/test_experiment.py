@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from blade.data.recipes.fetch import fetch_debs, fetch_sdist
 from blade.errors import BladeError
-from blade.experiment import Stage, scaled_schedule
-from blade.recipes.fetch import fetch_debs, fetch_sdist
+from blade.experiment.run import Stage, scaled_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from blade.errors import BladeError
-from blade.experiment_report import collect, selection_shares, write_report
+from blade.experiment.report import collect, selection_shares, write_report
 
 STEPS, TOKENS_PER_STEP, DIAG_EVERY, EVAL_EVERY = 200, 1000, 25, 50
 SEEN = {"none": 9000, "spam": 800, "boilerplate": 200}  # tokens per label over the run

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from blade import flops
 from blade.config import ModelConfig, load_config
-from blade.model import Transformer
+from blade.model import flops
+from blade.model.transformer import Transformer
 from tests.conftest import TINY
 
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from blade.errors import BladeError
-from blade.inspect import inspect_run
+from blade.inspect_run import inspect_run
 from tests.conftest import tiny_overrides
 from tests.dist_harness import run_distributed
 from tests.test_trainer import _fit

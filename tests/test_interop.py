@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from blade.config import ModelConfig, load_config
+from blade.data.tokenizer import HFTokenizer, load_tokenizer
 from blade.errors import BladeError, ConfigError
-from blade.interop import (
+from blade.interop.pretrained import (
     check_data_compat,
     export_hf,
     load_pretrained,
@@ -28,8 +29,7 @@ from blade.interop import (
     model_config_from_pretrained,
     pretrained_tokenizer,
 )
-from blade.model import Transformer
-from blade.tokenizer import HFTokenizer, load_tokenizer
+from blade.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers", reason="pip install -e .[test] (transformers)")
 gguf = pytest.importorskip("gguf", reason="pip install -e .[interop] (gguf)")
@@ -210,7 +210,7 @@ def _zero3_case(rank, world, path, x, y):
     (ZeRO-3 partitions the loaded weights). Then load again into the partitioned module."""
     import deepspeed
 
-    from blade import engines
+    from blade.train import engines
 
     cfg = load_config(None, [f"model.init_from={path}", "train.micro_batch_size=1",
                              "deepspeed.zero_stage=3"])
@@ -405,7 +405,7 @@ def byte_level_bpe(vocab_size=400):
 
 
 def test_hf_tokenizer_json_prepare_and_round_trip(tmp_path):
-    from blade.prepare import prepare
+    from blade.data.prepare import prepare
 
     byte_level_bpe().save(str(tmp_path / "tokenizer.json"))
     tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
@@ -433,7 +433,7 @@ def test_hf_tokenizer_json_prepare_and_round_trip(tmp_path):
 
 
 def test_data_compat_accepts_any_tokenizer_the_checkpoint_carries(tied, tmp_path):
-    from blade.tokenizer import Tokenizer, train_sentencepiece
+    from blade.data.tokenizer import Tokenizer, train_sentencepiece
 
     ckpt = copy_ckpt(tied[0], tmp_path / "ckpt")
     byte_level_bpe().save(os.path.join(ckpt, "tokenizer.json"))
@@ -454,7 +454,7 @@ def test_data_compat_accepts_any_tokenizer_the_checkpoint_carries(tied, tmp_path
 
 def test_gguf_tokenizer_kinds(tied, tmp_path):
     """A GGUF without a tokenizer, and one with a SentencePiece-style ('llama') tokenizer."""
-    from blade.gguf import gguf_tokenizer
+    from blade.interop.gguf import gguf_tokenizer
 
     plain = write_gguf(tmp_path / "m.gguf", tied[1])
     assert pretrained_tokenizer(tied[0]) is None  # HF dir without tokenizer files
@@ -610,8 +610,8 @@ def test_smollm2_export_to_transformers(smol, tmp_path):
 
 @needs_smol
 def test_prepare_with_gguf_tokenizer_and_data_compat(smol, tmp_path):
-    from blade.prepare import prepare
-    from blade.tokenizer import Tokenizer, train_sentencepiece
+    from blade.data.prepare import prepare
+    from blade.data.tokenizer import Tokenizer, train_sentencepiece
 
     _, tok = smol
     doc = tmp_path / "doc.txt"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from blade.config import ModelConfig
-from blade.model import ChunkedCrossEntropy, Transformer, apply_rope
+from blade.model.transformer import ChunkedCrossEntropy, Transformer, apply_rope
 from tests.dist_harness import run_distributed
 
 TINY = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from blade.data import ShardDataset
+from blade.data.prepare import prepare, prepare_splits
+from blade.data.reader import ShardDataset
+from blade.data.tokenizer import Tokenizer
 from blade.errors import DataError
-from blade.prepare import prepare, prepare_splits
-from blade.tokenizer import Tokenizer
 from tests.test_tokenizer import MARK, VOCAB, corpus, corpus_documents, tok_model  # noqa: F401 (fixtures)
 
 SEQ = 32

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from blade.metrics import read_metrics
+from blade.runtime.metrics import read_metrics
 from tests.conftest import ROOT
 
 

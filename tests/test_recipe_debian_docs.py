@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from blade.prepare import prepare_splits
-from blade.recipes import debian_docs as dd
-from blade.recipes.debian_docs import Doc
-from blade.recipes.noise import CORRUPTIONS
+from blade.data.prepare import prepare_splits
+from blade.data.recipes import debian_docs as dd
+from blade.data.recipes.debian_docs import Doc
+from blade.data.recipes.noise import CORRUPTIONS
 
 WORDS = ("the server cache doesn't grow when a client's request is retried; each worker reads "
          "the \"config\" file -- then it writes its log to disk and waits for the next job").split()
@@ -143,7 +143,7 @@ def test_assembly_is_deterministic_and_seeded(groups, assembled):
 
 
 def test_labels_reach_the_tokens_through_prepare(assembled, tmp_path):
-    from blade.data import ShardDataset
+    from blade.data.reader import ShardDataset
 
     splits, _ = assembled
     raw = tmp_path / "raw"

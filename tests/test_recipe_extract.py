@@ -1,4 +1,4 @@
-"""blade.recipes.extract on tiny generated package trees (no real Debian packages needed)."""
+"""blade.data.recipes.extract on tiny generated package trees (no real Debian packages needed)."""
 import gzip
 import io
 import os
@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 
+from blade.data.recipes import extract as ex
 from blade.errors import DataError
-from blade.recipes import extract as ex
 
 
 def write(root, rel, content, gz=False):

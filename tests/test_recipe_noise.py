@@ -1,4 +1,4 @@
-"""blade.recipes.noise: every corruption's labels are exact, on generated multi-paragraph technical text.
+"""blade.data.recipes.noise: every corruption's labels are exact, on generated multi-paragraph technical text.
 
 Each kind-specific test undoes the corruption using only the labels (and the input) and demands the
 input back, so a label that is off by one character, or an edit outside the labels, fails."""
@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
+from blade.data.recipes import noise
+from blade.data.recipes.noise import CORRUPTIONS, corrupt
 from blade.errors import DataError
-from blade.recipes import noise
-from blade.recipes.noise import CORRUPTIONS, corrupt
 
 SEEDS = range(150)
 MOST_PARAGRAPHS = {"mojibake": 2, "char_noise": 2, "word_shuffle": 2,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blade.selection import (
+from blade.train.selection import (
     MAX_ROUNDS,
     TopkStats,
     frank_wolfe_weights,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from blade.metrics import read_metrics
+from blade.runtime.metrics import read_metrics
 from tests.conftest import ROOT, TINY, tiny_overrides
 
 SLURM = os.path.join(ROOT, "tests", "slurm")
@@ -127,7 +127,7 @@ def test_preemption_requeues_and_resumes_bit_exactly(cluster, builtin_data, tmp_
     that was never interrupted."""
     import torch
 
-    from blade.export import proxy_fp32_state_dict
+    from blade.interop.export import proxy_fp32_state_dict
 
     common = ("selection.strategy=blade", "selection.tau=6", "selection.k_ref_steps=2", "train.steps=24",
               "train.micro_batch_size=2", "model.dropout=0.1", "train.eval_interval=8")

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
+from blade.data.tokenizer import Tokenizer, train_sentencepiece
 from blade.errors import DataError
-from blade.tokenizer import Tokenizer, train_sentencepiece
 
 WORDS = ("the of and data model token shard noise clean text train sample every little "
          "stream epoch batch rank worker seed order").split()

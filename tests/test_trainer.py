@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from blade.metrics import read_metrics
+from blade.runtime.metrics import read_metrics
 from tests.conftest import TINY, tiny_overrides
 from tests.dist_harness import run_distributed
 
@@ -16,8 +16,8 @@ RTOL = 1e-5
 
 def _fit(rank, world, overrides):
     from blade.config import load_config
-    from blade.dist import World
-    from blade.trainer import Trainer
+    from blade.runtime.dist import World
+    from blade.train.loop import Trainer
 
     cfg = load_config(TINY, overrides)
     return Trainer(cfg, World(rank, world, rank, "cpu")).fit()

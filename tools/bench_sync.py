@@ -10,7 +10,7 @@ deepspeed.zero.GatheredParameters([u_i, w_i], modifier_rank=0) and copy u_i into
 both, then a broadcast from rank 0 on exit), then write w's fp32 master from u's
 (safe_get_full_fp32_param: another all-gather; safe_set_full_fp32_param: local), then zero the moments.
 Both methods are checked to leave w's gathered weights and fp32 masters bitwise equal to u's. Collective
-ops and tensor bytes come from blade.bench_probes.count_collectives (torch dispatch of c10d ops:
+ops and tensor bytes come from blade.bench.probes.count_collectives (torch dispatch of c10d ops:
 DeepSpeed's stored all-gather handles are seen too). Both engines first take one real optimizer step (so
 that moments exist), on micro-batch 1 x 32 tokens: the sync does not depend on the batch.
 """
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # after the path set-up, so the tool runs from a checkout without an install
-from blade.bench_probes import loadavg, print_tool_result, run_tool_on_ranks  # noqa: E402
+from blade.bench.probes import loadavg, print_tool_result, run_tool_on_ranks  # noqa: E402
 
 CONFIGS = {"tiny": ("configs/quickstart.yaml", []),
            "100m": ("configs/100m.yaml", ["model.vocab_size=2048", "model.max_seq_len=128"])}
@@ -39,7 +39,7 @@ def gather_copy(proxy, reference) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    from blade import engines
+    from blade.train import engines
 
     engines.drop_gathered(reference)  # GatheredParameters returns stale data for params left gathered
     engines.drop_gathered(proxy)
@@ -60,7 +60,7 @@ def _state(engine) -> list:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from blade import engines
+    from blade.train import engines
 
     engines.drop_gathered(engine)
     params = list(engine.module.parameters())
@@ -77,10 +77,10 @@ def worker(configs: list[str], precisions: list[str], repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from blade import engines
-    from blade.bench_probes import count_collectives
+    from blade.bench.probes import count_collectives
     from blade.config import load_config
-    from blade.dist import init_deepspeed_distributed
+    from blade.runtime.dist import init_deepspeed_distributed
+    from blade.train import engines
 
     torch.set_num_threads(1)
     init_deepspeed_distributed(datetime.timedelta(seconds=600))

@@ -1,4 +1,4 @@
-"""The exact global top-k alone (blade.selection.select_by_score: radix select with histogram
+"""The exact global top-k alone (blade.train.selection.select_by_score: radix select with histogram
 all-reduces) against a gather-all-then-topk baseline (all_gather of every rank's scores, torch.topk
 over the concatenation, then the same exact mask), at 1, 2 and 4 ranks and 1e4 ... 1e7 scores per rank.
 
@@ -8,7 +8,7 @@ over the concatenation, then the same exact mask), at 1, 2 and 4 ranks and 1e4 .
 Each rank holds one micro-batch of N random fp32 scores (all valid), gamma = 0.6. Every timing starts
 after a barrier and ends when the rank has its mask; the slowest rank counts (median over repeats).
 Both methods must return the same mask (checked on every case). Collective ops and the bytes of the
-tensors handed to them are counted with blade.bench_probes.count_collectives (torch dispatch of c10d
+tensors handed to them are counted with blade.bench.probes.count_collectives (torch dispatch of c10d
 ops).
 Cases whose gathered copy would exceed --max-global scores are skipped (memory of a 24 GB, 2-core
 machine: 4 ranks x 1e7 would gather 4e7 floats per rank and sort them on half a core each).
@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # after the path set-up, so the tool runs from a checkout without an install
-from blade.bench_probes import loadavg, print_tool_result, run_tool_on_ranks  # noqa: E402
+from blade.bench.probes import loadavg, print_tool_result, run_tool_on_ranks  # noqa: E402
 
 
 def gather_topk_mask(scores, valid, gamma):
@@ -35,7 +35,7 @@ def gather_topk_mask(scores, valid, gamma):
     import torch
     import torch.distributed as dist
 
-    from blade.selection import keep_count
+    from blade.train.selection import keep_count
 
     world, rank = dist.get_world_size(), dist.get_rank()
     s = scores.float().masked_fill(~valid, float("-inf")).flatten()
@@ -60,8 +60,8 @@ def worker(sizes: list[int], repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from blade.bench_probes import count_collectives
-    from blade.selection import select_by_score
+    from blade.bench.probes import count_collectives
+    from blade.train.selection import select_by_score
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -10,8 +10,8 @@ import html
 import json
 import os
 
-from .errors import BladeError
-from .metrics import read_metrics
+from blade.errors import BladeError
+from blade.runtime.metrics import read_metrics
 
 
 def _plt():
@@ -100,8 +100,8 @@ def plot_rates(summary: dict, path: str) -> bool:
 
 
 def _tokenizer_for(run_dir: str):
-    from .config import load_config
-    from .tokenizer import Tokenizer
+    from blade.config import load_config
+    from blade.data.tokenizer import Tokenizer
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     for folder in (cfg.data.train, os.path.dirname(os.path.normpath(cfg.data.train))):

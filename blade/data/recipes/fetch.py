@@ -16,8 +16,8 @@ import shutil
 import subprocess
 import sys
 
+from blade.data.prepare import sha256_file
 from blade.errors import DataError
-from blade.prepare import sha256_file
 
 APT_OPTIONS = ["-o", "APT::Sandbox::User=root", "-q"]  # root downloads into a root-owned cache
 

@@ -23,14 +23,14 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from blade.errors import DataError
-from blade.tokenizer import (
+from blade.data.tokenizer import (
     HF_TOKENIZER_CONFIG,
     HF_TOKENIZER_FILE,
     Tokenizer,
     load_tokenizer,
     train_sentencepiece,
 )
+from blade.errors import DataError
 
 FORMAT = "blade-shards/1"
 TOKENIZER_FILE = "tokenizer.model"
@@ -263,7 +263,7 @@ def prepare(inputs: list[str], out_dir: str, seq_len: int, tokenizer: str | None
     """Tokenize and pack `inputs` into `out_dir`; returns the manifest.
 
     With `tokenizer=None` a SentencePiece model of `vocab_size` is trained on the inputs; otherwise
-    the given tokenizer is used (see blade.tokenizer.load_tokenizer): a SentencePiece `.model` ends
+    the given tokenizer is used (see blade.data.tokenizer.load_tokenizer): a SentencePiece `.model` ends
     up in `out_dir/tokenizer.model`, a Hugging Face tokenizer.json or a GGUF file's tokenizer in
     `out_dir/tokenizer.json` (+ tokenizer_config.json naming its EOS).
     """

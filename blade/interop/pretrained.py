@@ -18,9 +18,9 @@ import math
 import os
 import shutil
 
-from blade import gguf as _gguf
-from blade import hf as _hf
 from blade.errors import BladeError, ConfigError
+from blade.interop import gguf as _gguf
+from blade.interop import hf as _hf
 
 # ModelConfig fields a checkpoint determines (the rest: dropout, init_std, loss_chunk_tokens)
 PRETRAINED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
@@ -107,7 +107,7 @@ def load_pretrained(model, path: str) -> list[str]:
     rank must call it then). Returns the loaded parameter names."""
     import torch
 
-    from blade.model import _gathered
+    from blade.model.transformer import _gathered
 
     kind = checkpoint_kind(path)
     ck = model_config_from_pretrained(path)
@@ -150,7 +150,7 @@ def _param_order(params: dict):
 def pretrained_tokenizer(path: str):
     """The checkpoint's own tokenizer (GGUF-embedded, or tokenizer.json / tokenizer.model in a
     HF directory), or None when the checkpoint carries none."""
-    from blade.tokenizer import HFTokenizer, load_tokenizer
+    from blade.data.tokenizer import HFTokenizer, load_tokenizer
 
     if checkpoint_kind(path) == "gguf":
         return HFTokenizer.from_gguf(path, _gguf_reader(path))
@@ -188,7 +188,7 @@ def check_data_compat(path: str, data_dir: str) -> None:
 def _tokenizer_fingerprints(path: str) -> list[str]:
     """Fingerprints of every tokenizer the checkpoint carries (a HF directory may hold both a
     tokenizer.json and the SentencePiece tokenizer.model it was converted from)."""
-    from blade.tokenizer import load_tokenizer
+    from blade.data.tokenizer import load_tokenizer
 
     if checkpoint_kind(path) == "gguf":
         return [pretrained_tokenizer(path).fingerprint]
@@ -253,7 +253,7 @@ def export_hf(source, out_dir: str, model_config=None, tokenizer: str | None = N
     import torch
     from safetensors.torch import save_file
 
-    from blade.tokenizer import load_tokenizer
+    from blade.data.tokenizer import load_tokenizer
 
     if isinstance(source, torch.nn.Module):
         cfg, state = model_config or source.cfg, source.state_dict()
@@ -267,7 +267,7 @@ def export_hf(source, out_dir: str, model_config=None, tokenizer: str | None = N
             folder = source if os.path.isdir(source) else os.path.dirname(source)
             if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
                 tokenizer = folder
-    from blade.model import Transformer
+    from blade.model.transformer import Transformer
 
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters()}
@@ -294,7 +294,7 @@ def export_hf(source, out_dir: str, model_config=None, tokenizer: str | None = N
 
 
 def _write_tokenizer(tok, given: str, out_dir: str) -> None:
-    from blade.tokenizer import HFTokenizer
+    from blade.data.tokenizer import HFTokenizer
 
     if isinstance(tok, HFTokenizer):
         folder = os.path.dirname(tok.path) if not given.endswith(".gguf") else None

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import faults
-from .dist import all_reduce
-from .errors import BladeError
+from blade.errors import BladeError
+from blade.runtime import faults
+from blade.runtime.dist import all_reduce
 
 FORMAT = "blade-checkpoint-1"
 COMPLETE = "COMPLETE"

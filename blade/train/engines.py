@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from .config import BladeConfig
-from .model import Transformer
+from blade.config import BladeConfig
+from blade.model.transformer import Transformer
 
 # Where each DeepSpeed optimizer wrapper keeps its fp32 master copy: ZeRO-3, ZeRO-1/2, BF16_Optimizer,
 # and FP16_UnfusedOptimizer (stage 0 with bf16; a list of per-parameter lists).
@@ -86,7 +86,7 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
     if cfg.model.init_from:  # continual pretraining: every rank loads, before DeepSpeed partitions
-        from .interop import load_pretrained
+        from blade.interop.pretrained import load_pretrained
 
         load_pretrained(model, cfg.model.init_from)
     scheduler = None
@@ -162,7 +162,7 @@ def relative_distance(proxy, reference, world_size: int) -> float:
     """Dist(u, w) = ||u - w|| / ||u|| over all parameters, from local partitions + one all-reduce."""
     import torch.distributed as dist
 
-    from .dist import all_reduce
+    from blade.runtime.dist import all_reduce
 
     sharded = zero_stage(proxy) == 3
     sums = torch.zeros(2, dtype=torch.float64)

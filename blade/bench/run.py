@@ -35,7 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .bench_probes import (
+from blade.bench.probes import (
     MemoryProbe,
     _cuda,
     _git_describe,
@@ -48,7 +48,7 @@ from .bench_probes import (
     measure_loader,
     measure_peak,
 )
-from .bench_report import (
+from blade.bench.report import (
     StrategyRun,
     analytic_floor,
     check_targets,
@@ -56,8 +56,8 @@ from .bench_report import (
     summarize_strategy,
     write_outputs,
 )
-from .errors import BladeError
-from .timing import REF_PHASES
+from blade.errors import BladeError
+from blade.runtime.timing import REF_PHASES
 
 STRATEGIES = ("full", "random", "rho1", "blade")
 
@@ -76,8 +76,8 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
               steps: int = 10, out: str = "runs/bench", measure_checkpoint: bool = True,
               command: str = "", say=print, memory_steps: int = 3) -> dict | None:
     """Run on every rank (the world is set up); returns the result on rank 0 (None elsewhere)."""
-    from .config import load_config
-    from .trainer import Trainer
+    from blade.config import load_config
+    from blade.train.loop import Trainer
 
     if warmup < 1 or steps < 1:
         raise BladeError("bench needs --warmup >= 1 and --steps >= 1")
@@ -129,7 +129,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
             steps_done[name] += 1
 
     if "blade" in trainers:  # the sync under the collective counter, then one real reference phase
-        from . import engines
+        from blade.train import engines
 
         tr, run = trainers["blade"], raw["blade"]
         barrier()
@@ -237,7 +237,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
 
 
 def _max_rounds() -> int:
-    from .selection import MAX_ROUNDS
+    from blade.train.selection import MAX_ROUNDS
 
     return MAX_ROUNDS
 

@@ -16,9 +16,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, reshard
-from .config import config_to_dict
-from .errors import ConfigError
+from blade.config import config_to_dict
+from blade.errors import ConfigError
+from blade.runtime import checkpoint, reshard
 
 
 def engines(tr) -> dict:

@@ -24,15 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint, engines, faults, resume, selection
-from .config import BladeConfig, config_to_dict, dump_config
-from .data import DataStream, ShardDataset, eval_batches
-from .diagnostics import SelectionDiagnostics
-from .dist import World, all_reduce
-from .errors import BladeError, ConfigError
-from .metrics import MetricsLogger
-from .preempt import Preempted, StopRequest
-from .timing import REF_PHASES, STEP_PHASES, PhaseTimer
+from blade.config import BladeConfig, config_to_dict, dump_config
+from blade.data.reader import DataStream, ShardDataset, eval_batches
+from blade.errors import BladeError, ConfigError
+from blade.runtime import checkpoint, faults
+from blade.runtime.dist import World, all_reduce
+from blade.runtime.metrics import MetricsLogger
+from blade.runtime.preempt import Preempted, StopRequest
+from blade.runtime.timing import REF_PHASES, STEP_PHASES, PhaseTimer
+from blade.train import engines, selection
+from blade.train import state as resume
+from blade.train.diagnostics import SelectionDiagnostics
 
 IGNORE = -100
 
@@ -85,7 +87,7 @@ class Trainer:
                               "(the target set the reference trains on)")
         self.uses_reference = sel.strategy in ("rho1", "blade")
         if cfg.model.init_from:  # the data must be tokenized for the pretrained model's vocabulary
-            from .interop import check_data_compat
+            from blade.interop.pretrained import check_data_compat
 
             for path in filter(None, (cfg.data.train, cfg.data.target, cfg.data.val)):
                 check_data_compat(cfg.model.init_from, path)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BladeConfig, ModelConfig
+from blade.config import BladeConfig, ModelConfig
 
 # Dense bf16 / fp32 (non-tensor-core) peaks per device, FLOP/s, from the vendors' data sheets.
 GPU_PEAKS = {

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from . import flops
-from .dist import all_reduce, free_port
+from blade.model import flops
+from blade.runtime.dist import all_reduce, free_port
 
 
 def _cuda(device: str) -> bool:
@@ -199,7 +199,7 @@ def held_tensor_bytes(engine, max_depth: int = 3) -> tuple[int, int]:
     storage counts once. On a GPU both numbers are the allocated bytes; on the CPU `resident` counts
     only the pages in RAM (DeepSpeed's 5e8-element gradient bucket is mostly untouched address space
     there, but real memory on a GPU)."""
-    from .engines import base_optimizer
+    from blade.train.engines import base_optimizer
 
     seen, total = set(), [0, 0]
 
@@ -322,8 +322,8 @@ def measure_peak(precision: str, device: str) -> tuple[float, str]:
 
 def measure_loader(trainer, min_seconds: float = 1.0, max_steps: int = 500) -> dict:
     """The training data path alone (read, decode, collate, to_micro_batch), all ranks at once."""
-    from .data import DataStream
-    from .trainer import to_micro_batch
+    from blade.data.reader import DataStream
+    from blade.train.loop import to_micro_batch
 
     cfg, w = trainer.cfg, trainer.world
     t = cfg.train

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .dist import all_reduce
+from blade.runtime.dist import all_reduce
 
 HIST_BINS = 40
 ROWS = ("selected", "total", "proxy_loss", "score", "scored")  # per-name accumulators

@@ -31,12 +31,12 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
+from blade.data.prepare import prepare_splits
+from blade.data.recipes import extract as ex
+from blade.data.recipes.fetch import fetch_debs, fetch_sdist
+from blade.data.recipes.noise import CORRUPTIONS, corrupt
+from blade.data.tokenizer import Tokenizer, train_sentencepiece
 from blade.errors import DataError
-from blade.prepare import prepare_splits
-from blade.recipes import extract as ex
-from blade.recipes.fetch import fetch_debs, fetch_sdist
-from blade.recipes.noise import CORRUPTIONS, corrupt
-from blade.tokenizer import Tokenizer, train_sentencepiece
 
 TARGET = {  # source -> (package, extractor); pages of the HTML ones double as raw-HTML noise
     "python": ("python3.11-doc", ex.python_docs),

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .dist import all_reduce
+from blade.runtime.dist import all_reduce
 
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

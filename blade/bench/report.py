@@ -38,8 +38,8 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
-from . import flops
-from .timing import REF_PHASES, STEP_PHASES
+from blade.model import flops
+from blade.runtime.timing import REF_PHASES, STEP_PHASES
 
 PHASES = STEP_PHASES + ("rank_wait", "other")
 TARGETS = {"ratio_slack": 1.05, "selection_share": 0.01, "sync_share": 0.5, "loader_factor": 10.0,

@@ -13,7 +13,7 @@ import re
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_deepspeed_file, rng_state, set_rng_state
+from blade.runtime.checkpoint import CheckpointError, load_deepspeed_file, rng_state, set_rng_state
 
 
 def _rank_of(file: str) -> int:
@@ -63,7 +63,7 @@ def load_zero3_resharded(engine, full: dict, extra: dict, rank: int, world: int)
         safe_set_local_optimizer_state,
     )
 
-    from .engines import base_optimizer, drop_gathered, master_partitions
+    from blade.train.engines import base_optimizer, drop_gathered, master_partitions
 
     drop_gathered(engine)
     opt = base_optimizer(engine)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from .errors import BladeError
+from blade.errors import BladeError
 
 STRATEGIES = ("full", "random", "rho1", "blade")
 CONFIGS = {False: ("base.yaml", "continual.yaml"), True: ("quick-base.yaml", "quick-continual.yaml")}
@@ -103,7 +103,7 @@ def _prepare_data(data: str, cache: str, size: str, say) -> dict:
                              f"needs {size!r}: pass another --data or delete it")
         say(f"data: reusing {data} (recipe.json)")
         return manifest
-    from .recipes.debian_docs import build_debian_docs
+    from blade.data.recipes.debian_docs import build_debian_docs
 
     say(f"data: building the debian-docs corpus ({size}) in {data}")
     return build_debian_docs(data, cache, size=size)
@@ -111,8 +111,8 @@ def _prepare_data(data: str, cache: str, size: str, say) -> dict:
 
 def _export_base(stage: Stage, data: str) -> str:
     """The base run's final proxy -> OUT/base/hf (Hugging Face layout, with the data's tokenizer)."""
-    from .export import export
-    from .interop import export_hf
+    from blade.interop.export import export
+    from blade.interop.pretrained import export_hf
 
     hf = os.path.join(stage.dir, "hf")
     if not os.path.isfile(os.path.join(hf, "config.json")):
@@ -124,7 +124,7 @@ def _export_base(stage: Stage, data: str) -> str:
 
 
 def _last_eval(run_dir: str) -> float | None:
-    from .metrics import read_metrics
+    from blade.runtime.metrics import read_metrics
 
     evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
     return evals[-1]["val_loss"] if evals else None
@@ -134,8 +134,8 @@ def run_experiment(out: str, data: str, cache: str, quick: bool = False, ranks: 
                    strategies: tuple[str, ...] = STRATEGIES, seed: int = 1234,
                    overrides: tuple[str, ...] = (), command: str = "", say=print) -> str:
     """All stages; returns the path of OUT/report/report.md."""
-    from .config import load_config
-    from .experiment_report import collect, write_report
+    from blade.config import load_config
+    from blade.experiment.report import collect, write_report
 
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -167,7 +167,7 @@ def _meta(cfg, manifest: dict, ranks: int, seed: int, times: dict, total_s: floa
           base_cfg) -> dict:
     import torch
 
-    from .model import Transformer
+    from blade.model.transformer import Transformer
 
     t, s, m = cfg.train, cfg.selection, cfg.model
     with torch.device("meta"):

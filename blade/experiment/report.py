@@ -13,9 +13,9 @@ import json
 import math
 import os
 
-from .errors import BladeError
-from .inspect import _plt
-from .metrics import read_metrics
+from blade.errors import BladeError
+from blade.inspect_run import _plt
+from blade.runtime.metrics import read_metrics
 
 STRATEGY_ORDER = ("full", "random", "rho1", "blade")
 COLOURS = {"full": "#555555", "random": "#e69f00", "rho1": "#0072b2", "blade": "#d55e00"}

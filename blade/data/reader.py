@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blade.data.prepare import FORMAT
 from blade.errors import DataError
-from blade.prepare import FORMAT
 
 MEMBERS = ("tokens.npy", "sources.npy", "labels.npy")
 FIX = "re-run blade prepare, or set data.on_bad_shard=skip to train without it"

@@ -12,7 +12,7 @@ import shutil
 
 import torch
 
-from .checkpoint import (
+from blade.runtime.checkpoint import (
     CheckpointError,
     find_checkpoint,
     load_deepspeed_file,
@@ -101,8 +101,8 @@ def load_exported(path: str):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .config import ConfigError, load_config
-    from .model import Transformer
+    from blade.config import ConfigError, load_config
+    from blade.model.transformer import Transformer
 
     cfg_file, weights = os.path.join(path, "config.yaml"), os.path.join(path, "model.safetensors")
     for file in (cfg_file, weights):

@@ -208,7 +208,7 @@ class HFTokenizer:
 
     @classmethod
     def from_gguf(cls, path: str, reader=None) -> "HFTokenizer":
-        from blade.gguf import gguf_tokenizer
+        from blade.interop.gguf import gguf_tokenizer
 
         tk, eos, bos = gguf_tokenizer(path, reader)
         return cls(tk, path, eos, bos)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BladeError
-from .hf import rename
+from blade.errors import BladeError
+from blade.interop.hf import rename
 
 ARCHITECTURES = ("llama",)  # llama.cpp also writes Mistral-style models as "llama"
 GGUF_PRETOKENIZERS = ("smollm", "gpt2", "gpt-2", "default", "llama-bpe", "llama3")

@@ -1,0 +1,1 @@
+"""The Llama-style transformer (transformer.py) and its FLOP count (flops.py)."""
