@@ -61,7 +61,8 @@ def split_config_args(items: list[str], config: str | None) -> tuple[str | None,
 def cmd_train(args) -> None:
     import yaml
 
-    from blade.config import check_paths, config_to_dict, describe_layout, load_config
+    from blade.config import check_paths, config_to_dict, load_config
+    from blade.train.schedule import describe_layout
 
     path, overrides = split_config_args(args.items, args.config)
     cfg = load_config(path, overrides)
@@ -154,7 +155,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_export_hf(args) -> None:
-    from blade.interop.pretrained import export_hf
+    from blade.interop.export_hf import export_hf
 
     model_config = None
     if args.config:
@@ -167,7 +168,8 @@ def cmd_export_hf(args) -> None:
 
 
 def cmd_experiment(args) -> None:
-    from blade.experiment.run import EXIT_PREEMPTED, Preempted, run_experiment
+    from blade.experiment.run import run_experiment
+    from blade.runtime.preempt import EXIT_PREEMPTED, Preempted
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     data = args.data or ("data/debian-docs-quick" if args.quick else "data/debian-docs")

@@ -8,8 +8,8 @@ schema is frozen: other modules code against these names.
 """
 from __future__ import annotations
 
+import copy
 import difflib
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -18,6 +18,9 @@ from typing import Literal, Optional, Union, get_args, get_origin, get_type_hint
 import yaml
 
 from blade.errors import ConfigError
+
+STRATEGIES = ("full", "random", "rho1", "blade")  # the baselines and BLADE, behind selection.strategy
+STRATEGIES_WITH_REFERENCE = ("rho1", "blade")     # the ones that score with a reference model
 
 
 @dataclass
@@ -63,7 +66,6 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_interval: int = 50            # 0 = never
     eval_batches: int = 4              # micro-batches of the val stream per evaluation
-    log_interval: int = 1
     max_wall_time_s: float = 0.0       # stop (checkpoint, exit 75) before this much wall time; 0 = off
     max_nonfinite_steps: int = 5       # abort after this many non-finite (skipped) steps in a row
 
@@ -83,7 +85,7 @@ class OptimConfig:
 
 @dataclass
 class SelectionConfig:
-    strategy: Literal["full", "random", "rho1", "blade"] = "blade"
+    strategy: Literal[STRATEGIES] = "blade"
     gamma: float = 0.6                 # keep ratio: top ceil(gamma * n_valid) tokens of the global batch
     tau: int = 50                      # blade: re-sync the reference from the proxy every tau steps
     k_ref_steps: int = 15              # blade: reference steps after each sync (K)
@@ -181,14 +183,16 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
     if not isinstance(parent, str):
         raise ConfigError(f"config error: inherit in '{path}' must be a file name, got {parent!r}")
     base = _read_yaml(os.path.join(os.path.dirname(path), parent), chain + (path,))
-    return _merge(base, data)
+    return deep_merge(base, data)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """Deep merge: mappings merge key by key, anything else in `over` replaces."""
-    out = dict(base)
+def deep_merge(base: dict, over: dict) -> dict:
+    """A new mapping: `over` merged into `base` (mappings merge key by key, anything else in `over`
+    replaces); neither input is changed. YAML `inherit:` and `deepspeed.extra` both use it."""
+    out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        both = isinstance(out.get(k), dict) and isinstance(v, dict)
+        out[k] = deep_merge(out[k], v) if both else copy.deepcopy(v)
     return out
 
 
@@ -288,7 +292,7 @@ _RANGES = {
     "data.num_workers": ">= 0",
     "train.steps": ">= 1", "train.seed": ">= 0", "train.micro_batch_size": ">= 1",
     "train.grad_accum": ">= 1", "train.eval_interval": ">= 0", "train.eval_batches": ">= 1",
-    "train.log_interval": ">= 1", "train.max_wall_time_s": ">= 0", "train.max_nonfinite_steps": ">= 1",
+    "train.max_wall_time_s": ">= 0", "train.max_nonfinite_steps": ">= 1",
     "optim.lr": "> 0", "optim.min_lr_ratio": "in [0, 1]", "optim.warmup_steps": ">= 0",
     "optim.weight_decay": ">= 0", "optim.beta1": "in [0, 1)", "optim.beta2": "in [0, 1)",
     "optim.eps": "> 0", "optim.grad_clip": ">= 0",
@@ -363,37 +367,3 @@ def dump_config(cfg: BladeConfig, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-
-
-def describe_layout(cfg: BladeConfig, world_size: int, seq_len: int) -> str:
-    """Dry-run summary: world layout, batch size, token budget and the selection schedule."""
-    t, s = cfg.train, cfg.selection
-    seqs = t.micro_batch_size * world_size * t.grad_accum
-    tokens = seqs * seq_len
-    seen = t.steps * tokens
-    lines = [
-        f"world:    {world_size} rank{'s' * (world_size != 1)} x micro-batch {t.micro_batch_size} "
-        f"x grad accum {t.grad_accum}",
-        f"batch:    {seqs:,} sequences x seq_len {seq_len} = {tokens:,} tokens per step",
-    ]
-    if s.strategy == "full":
-        lines.append(f"budget:   {t.steps:,} steps -> {seen:,} tokens seen, all trained")
-        lines.append("strategy: full (plain cross-entropy on every token)")
-        return "\n".join(lines)
-    warm = min(s.warmup_full_ce_steps, t.steps)
-    trained = round(tokens * (warm + (t.steps - warm) * s.gamma))
-    after = f" after {warm} full-CE steps" if warm else ""
-    lines.append(f"budget:   {t.steps:,} steps -> {seen:,} tokens seen, ~{trained:,} trained "
-                 f"(gamma {s.gamma}{after})")
-    if s.strategy == "random":
-        lines.append(f"strategy: random (keep a random gamma={s.gamma} of tokens)")
-    elif s.strategy == "rho1":
-        lines.append(f"strategy: rho1 (gamma {s.gamma}; static reference trained once for "
-                     f"K0={s.rho1_ref_steps} steps)")
-    else:
-        syncs = math.ceil(t.steps / s.tau)
-        lines.append(f"strategy: blade (gamma {s.gamma}; reference re-synced every tau={s.tau} steps, "
-                     f"then K={s.k_ref_steps} reference steps)")
-        lines.append(f"syncs:    {syncs} reference syncs (ceil({t.steps} / {s.tau})), "
-                     f"{syncs * s.k_ref_steps:,} reference steps")
-    return "\n".join(lines)

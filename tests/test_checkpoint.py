@@ -208,7 +208,7 @@ def test_preemption_signals_checkpoint_and_exit_75(builtin_data, tmp_path, strai
     codes = launch(builtin_data, run_dir, *args, faults_spec="sigterm@eval_batch:7:1#1")
     assert codes == [75, 75], log_tail(run_dir)
     assert ckpt_names(run_dir)[-1] == "step_000008"
-    assert json.load(open(os.path.join(checkpoint.root(run_dir), "step_000008", "state.json")))["eval_pending"] == 7
+    assert json.load(open(os.path.join(checkpoint.root(run_dir), "step_000008", "state.json")))["components"]["loop"]["eval_pending"] == 7
 
     assert launch(builtin_data, run_dir, *args) == [0, 0], log_tail(run_dir)  # only the cut evaluation is left
     assert_same_run(base, run_dir)
@@ -303,7 +303,7 @@ def test_resume_on_another_world_size(builtin_data, tmp_path, before, after):
         if ra["kind"] == "train":
             assert (ra["n_valid"], ra["n_selected"]) == (rb["n_valid"], rb["n_selected"])
     end = [json.load(open(os.path.join(checkpoint.root(d), "step_000008", "state.json"))) for d in (base, run_dir)]
-    assert end[0]["streams"] == end[1]["streams"]  # no sample repeated or skipped, in every stream
+    assert end[0]["components"]["streams"] == end[1]["components"]["streams"]  # no sample repeated or skipped, in every stream
     assert end[1]["world_size"] == after
 
 

@@ -9,11 +9,11 @@ from blade.config import (
     BladeConfig,
     check_paths,
     config_to_dict,
-    describe_layout,
     dump_config,
     load_config,
 )
 from blade.errors import BladeError, ConfigError
+from blade.train.schedule import describe_layout
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 

@@ -3,7 +3,8 @@ import torch
 
 from blade.runtime.dist import World
 from blade.train.diagnostics import SelectionDiagnostics
-from blade.train.loop import IGNORE, MicroBatch
+from blade.model.transformer import IGNORE_INDEX
+from blade.train.step import MicroBatch
 
 
 class _Cfg:
@@ -16,7 +17,7 @@ class _Cfg:
 
 def _micro_batch(gen, B=2, T=8, n_sources=3, n_labels=3):
     targets = torch.randint(0, 50, (B, T), generator=gen)
-    targets[0, :2] = IGNORE  # invalid positions count nowhere
+    targets[0, :2] = IGNORE_INDEX  # invalid positions count nowhere
     return MicroBatch(torch.zeros(B, T, dtype=torch.long), targets,
                       torch.randint(0, n_sources, (B, T), generator=gen),
                       torch.randint(0, n_labels, (B, T), generator=gen))
@@ -38,7 +39,7 @@ def test_rates_mean_losses_and_scores_per_label(tmp_path):
         for mbs, mask, loss, score in seen:
             for m, mb in enumerate(mbs):
                 for i in range(16):
-                    if mb.targets.flatten()[i] == IGNORE or mb.labels.flatten()[i] != label_id:
+                    if mb.targets.flatten()[i] == IGNORE_INDEX or mb.labels.flatten()[i] != label_id:
                         continue
                     sel += float(mask[m, i])
                     tot += 1

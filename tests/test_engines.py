@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blade.config import load_config
+from blade.runtime import zero
 from blade.train import engines
 from tests.conftest import TINY
 from tests.dist_harness import run_distributed
@@ -78,7 +79,7 @@ def _sync_case(rank, world, stage, precision):
     finally:
         for n, fn in originals.items():
             setattr(dist, n, fn)
-    moments_zero = all(float(v.abs().sum()) == 0 for s in engines.base_optimizer(R).state.values()
+    moments_zero = all(float(v.abs().sum()) == 0 for s in zero.base_optimizer(R).state.values()
                        for v in s.values() if torch.is_tensor(v))
     equal_after_sync = all(torch.equal(a, b) for a, b in zip(_gathered(P), _gathered(R)))
     dist_after_sync = engines.relative_distance(P, R, world)

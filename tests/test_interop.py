@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from blade.config import ModelConfig, load_config
 from blade.data.tokenizer import HFTokenizer, load_tokenizer
 from blade.errors import BladeError, ConfigError
+from blade.interop.export_hf import export_hf
 from blade.interop.pretrained import (
     check_data_compat,
-    export_hf,
     load_pretrained,
     merge_pretrained_config,
     model_config_from_pretrained,

@@ -20,14 +20,13 @@ from blade.train.selection import (
     MAX_ROUNDS,
     TopkStats,
     frank_wolfe_weights,
-    global_sum,
     global_topk_mask,
     keep_count,
     masked_mean_loss_scale,
     select_by_score,
-    select_full,
     select_random,
 )
+from blade.runtime.dist import all_reduce_sum
 from tests.dist_harness import run_distributed
 
 EXTREMES = [3.4028235e38, -3.4028235e38, 1e30, -1e30, 1e-38, -1e-38, 1e-45, -1e-45, 0.0, -0.0, 1.0]
@@ -244,10 +243,8 @@ def test_keep_count_matches_exact_arithmetic():
             keep_count(bad, 3)
 
 
-def test_select_full_and_by_score():
+def test_select_by_score():
     scores, valid = make_case("dups", 1, 2, 20, seed=2)
-    mask, stats = select_full(valid[:, 0])
-    assert torch.equal(mask, valid[:, 0]) and stats.n_selected == int(valid.sum())
     mask, stats = select_by_score(scores[:, 0], valid[:, 0], 0.6)
     check([mask], [stats], scores, valid, keep_count(0.6, int(valid.sum())))
 
@@ -274,8 +271,8 @@ def _rank_strategies(rank, world, configs):
         out.append(select_random(_global_valid(m, n)[:, rank], 0.6, seed, step)[0].tolist())
     scores, valid = make_case("dups", world, 2, 9, seed=4)
     mask, stats = select_by_score(scores[:, rank], valid[:, rank], 0.6)
-    full = select_full(valid[:, rank])[1]
-    return out, (mask.tolist(), stats), full, global_sum(rank + 0.5), global_sum(torch.tensor([rank, 1.0]))
+    n_valid = all_reduce_sum([float(valid[:, rank].sum())])[0]
+    return out, (mask.tolist(), stats), n_valid, all_reduce_sum([rank + 0.5])[0], sum(all_reduce_sum([rank, 1.0]))
 
 
 def test_strategies_on_two_ranks_match_one_rank():
@@ -290,12 +287,12 @@ def test_strategies_on_two_ranks_match_one_rank():
     by_score = [r[1] for r in per_rank]
     check([torch.tensor(b[0]) for b in by_score], [b[1] for b in by_score], scores, valid,
           keep_count(0.6, int(valid.sum())))
-    assert all(r[2].n_valid == int(valid.sum()) for r in per_rank)
+    assert all(r[2] == int(valid.sum()) for r in per_rank)
     assert [r[3] for r in per_rank] == [2.0, 2.0] and [r[4] for r in per_rank] == [3.0, 3.0]
 
 
-def test_global_sum_in_a_world_of_one():
-    assert global_sum(2.5) == 2.5 and global_sum(torch.tensor([1.0, 2.0])) == 3.0
+def test_all_reduce_sum_in_a_world_of_one():
+    assert all_reduce_sum([2.5]) == [2.5] and all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
 
 
 def test_frank_wolfe_weights():

@@ -39,10 +39,10 @@ def gather_copy(proxy, reference) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    from blade.train import engines
+    from blade.runtime import zero
 
-    engines.drop_gathered(reference)  # GatheredParameters returns stale data for params left gathered
-    engines.drop_gathered(proxy)
+    zero.drop_gathered(reference)  # GatheredParameters returns stale data for params left gathered
+    zero.drop_gathered(proxy)
     rank = dist.get_rank()
     with torch.no_grad():
         for a, b in zip(proxy.module.parameters(), reference.module.parameters(), strict=True):
@@ -52,7 +52,7 @@ def gather_copy(proxy, reference) -> None:
             full = safe_get_full_fp32_param(a)
             if full is not None:
                 safe_set_full_fp32_param(b, full)
-    engines.reset_optimizer_state(reference)
+    zero.reset_optimizer_state(reference)
 
 
 def _state(engine) -> list:
@@ -60,14 +60,14 @@ def _state(engine) -> list:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from blade.train import engines
+    from blade.runtime import zero
 
-    engines.drop_gathered(engine)
+    zero.drop_gathered(engine)
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params):
         weights = [p.data.detach().clone() for p in params]
     masters = [safe_get_full_fp32_param(p) for p in params]
-    engines.drop_gathered(engine)
+    zero.drop_gathered(engine)
     return weights + [m.clone() if m is not None else torch.zeros(0) for m in masters]
 
 

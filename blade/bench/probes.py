@@ -12,10 +12,9 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
 from blade.model import flops
-from blade.runtime.dist import all_reduce, free_port
+from blade.runtime.dist import all_reduce, barrier, free_port, rank_and_world
 
 
 def _cuda(device: str) -> bool:
@@ -25,11 +24,6 @@ def _cuda(device: str) -> bool:
 def device_sync(device: str) -> None:
     if _cuda(device):
         torch.cuda.synchronize()
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _reduce(value: float, op=None) -> float:
@@ -199,7 +193,7 @@ def held_tensor_bytes(engine, max_depth: int = 3) -> tuple[int, int]:
     storage counts once. On a GPU both numbers are the allocated bytes; on the CPU `resident` counts
     only the pages in RAM (DeepSpeed's 5e8-element gradient bucket is mostly untouched address space
     there, but real memory on a GPU)."""
-    from blade.train.engines import base_optimizer
+    from blade.runtime.zero import base_optimizer, local_shards
 
     seen, total = set(), [0, 0]
 
@@ -227,8 +221,9 @@ def held_tensor_bytes(engine, max_depth: int = 3) -> tuple[int, int]:
             for x in vars(obj).values():
                 visit(x, depth + 1)
 
+    for shard in local_shards(engine):
+        add(shard)
     for p in engine.module.parameters():
-        add(getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p.data)
         add(p.grad)
     for b in engine.module.buffers():
         add(b)
@@ -316,18 +311,18 @@ def measure_peak(precision: str, device: str) -> tuple[float, str]:
     """Every rank at once (so each gets its own share of the machine); the mean over ranks."""
     barrier()
     peak, how = flops.device_peak(precision)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = rank_and_world()[1]
     return _reduce(peak) / world, how
 
 
 def measure_loader(trainer, min_seconds: float = 1.0, max_steps: int = 500) -> dict:
     """The training data path alone (read, decode, collate, to_micro_batch), all ranks at once."""
     from blade.data.reader import DataStream
-    from blade.train.loop import to_micro_batch
+    from blade.train.step import to_micro_batch
 
     cfg, w = trainer.cfg, trainer.world
     t = cfg.train
-    stream = DataStream(trainer.train_ds, t.seed + 7, cfg.data.shuffle, t.micro_batch_size, w.world_size,
+    stream = DataStream(trainer.datasets["train"], t.seed + 7, cfg.data.shuffle, t.micro_batch_size, w.world_size,
                         w.rank, t.grad_accum, cfg.data.num_workers)
     for _ in range(2):  # start workers, warm the page cache
         [to_micro_batch(b, w.device) for b in stream.next_step()]

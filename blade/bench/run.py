@@ -56,10 +56,10 @@ from blade.bench.report import (
     summarize_strategy,
     write_outputs,
 )
+from blade.config import STRATEGIES
 from blade.errors import BladeError
 from blade.runtime.timing import REF_PHASES
 
-STRATEGIES = ("full", "random", "rho1", "blade")
 
 
 def bench_overrides(strategy: str, run_dir: str) -> list[str]:
@@ -77,6 +77,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
               command: str = "", say=print, memory_steps: int = 3) -> dict | None:
     """Run on every rank (the world is set up); returns the result on rank 0 (None elsewhere)."""
     from blade.config import load_config
+    from blade.train import schedule
     from blade.train.loop import Trainer
 
     if warmup < 1 or steps < 1:
@@ -106,14 +107,14 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
         tr.timer.sync_cuda = _cuda(world.device)
         tr.timer.wait_phases = ("selection",)  # skew between ranks is booked as rank_wait
         run = StrategyRun(name)
-        if tr.needs_reference_phase(0):
-            run.first_phase_s = _timed(world.device, lambda: tr.reference_phase(0))
-        tr.train_step(0)
+        if schedule.reference_phase_before(cfg.selection, 0):
+            run.first_phase_s = _timed(world.device, lambda: tr.stepper.reference_phase(0))
+        tr.stepper.train_step(0)
         steps_done[name] = 1
         gc.collect()
         device_sync(world.device)
         run.state_growth_bytes = probe.current() - before
-        held = [held_tensor_bytes(e) for e in tr.engines().values()]
+        held = [held_tensor_bytes(e) for e in tr.engines.by_name().values()]
         run.state_bytes, run.state_allocated_bytes = sum(h[0] for h in held), sum(h[1] for h in held)
         trainers[name], raw[name] = tr, run
         say(f"bench: built {name} (state {run.state_bytes / 2**20:.1f} MiB on rank {world.rank})")
@@ -125,7 +126,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
     order = list(strategies)
     for _ in range(warmup - 1):
         for name in order:
-            trainers[name].train_step(steps_done[name])
+            trainers[name].stepper.train_step(steps_done[name])
             steps_done[name] += 1
 
     if "blade" in trainers:  # the sync under the collective counter, then one real reference phase
@@ -134,10 +135,10 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
         tr, run = trainers["blade"], raw["blade"]
         barrier()
         with count_collectives() as found:  # before the phase: the phase re-syncs and trains w again
-            engines.sync_reference(tr.proxy, tr.reference)
+            engines.sync_reference(tr.engines.proxy, tr.engines.reference)
         run.sync_collectives = {"ops": found["ops"], "bytes": found["bytes"],
                                 "names": sorted(set(found["names"]))}
-        run.ref_phase_s = _timed(world.device, lambda: tr.reference_phase(steps_done["blade"]))
+        run.ref_phase_s = _timed(world.device, lambda: tr.stepper.reference_phase(steps_done["blade"]))
         run.ref_phase_parts = {k: tr.timer.get(k) for k in REF_PHASES}
         say(f"bench: blade reference phase {run.ref_phase_s:.3f} s, sync collectives {found['ops']}")
 
@@ -149,7 +150,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
             if probe.during_timing:
                 start = probe.reset()
             t0 = time.perf_counter()
-            record = tr.train_step(steps_done[name])
+            record = tr.stepper.train_step(steps_done[name])
             device_sync(world.device)
             run.step_s.append(time.perf_counter() - t0)
             if probe.during_timing:
@@ -177,7 +178,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
     if not probe.during_timing:  # CPU: the memory steps, after everything that is timed
         probe.open_cpu_window(memory_steps)
         for name in order:  # gradient buckets are touched page by page: take the state again
-            held = [held_tensor_bytes(e) for e in trainers[name].engines().values()]
+            held = [held_tensor_bytes(e) for e in trainers[name].engines.by_name().values()]
             raw[name].state_bytes = max(raw[name].state_bytes, sum(h[0] for h in held))
         for _ in range(memory_steps):
             for name in order:
@@ -185,7 +186,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
                 gc.collect()
                 barrier()
                 start = probe.reset()
-                tr.train_step(steps_done[name])
+                tr.stepper.train_step(steps_done[name])
                 peak = probe.peak()
                 run.step_peak_bytes.append(max(0, peak - start))
                 run.process_peak_bytes = max(run.process_peak_bytes, peak)

@@ -143,6 +143,18 @@ class ShardDataset:
     def skipped_sequences(self) -> int:
         return self._skipped_shard_sequences + len(self.bad_samples)
 
+    def rank_state_dict(self) -> dict:
+        """The samples this rank found undecodable (each rank reads its own)."""
+        return {"bad_samples": sorted(self.bad_samples)}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        self.bad_samples.update(state["bad_samples"])
+
+    @staticmethod
+    def merge_rank_states(states: list[dict], rank: int) -> dict:
+        """After resharding, every rank knows every old rank's bad samples."""
+        return {"bad_samples": sorted(set().union(*(s["bad_samples"] for s in states)))}
+
     def __len__(self) -> int:
         return int(self._ends[-1]) if self.shards else 0
 

@@ -13,13 +13,13 @@ import json
 import math
 import os
 
+from blade.config import STRATEGIES
 from blade.errors import BladeError
 from blade.inspect_run import _plt
 from blade.runtime.metrics import read_metrics
 
-STRATEGY_ORDER = ("full", "random", "rho1", "blade")
 COLOURS = {"full": "#555555", "random": "#e69f00", "rho1": "#0072b2", "blade": "#d55e00"}
-EXTRA_COLOURS = ("#009e73", "#cc79a7", "#56b4e9", "#f0e442")  # strategies outside STRATEGY_ORDER
+EXTRA_COLOURS = ("#009e73", "#cc79a7", "#56b4e9", "#f0e442")  # strategies outside STRATEGIES
 CLEAN = "none"  # the label of unlabelled (clean) tokens
 MAX_HISTS = 6   # score histograms drawn per strategy
 DPI = 110
@@ -85,7 +85,7 @@ def _run_result(run_dir: str, base_val_loss: float | None) -> dict:
 def collect(runs: dict[str, str], base_val_loss: float | None) -> dict:
     """Read each run directory (strategy -> dir) into {"base_val_loss", "strategies": {name: result}},
     strategies in the order full, random, rho1, blade, then any others as given."""
-    rank = {name: i for i, name in enumerate(STRATEGY_ORDER)}
+    rank = {name: i for i, name in enumerate(STRATEGIES)}
     names = sorted(runs, key=lambda n: rank.get(n, len(rank)))
     return {"base_val_loss": base_val_loss,
             "strategies": {name: _run_result(runs[name], base_val_loss) for name in names}}

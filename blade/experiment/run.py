@@ -18,24 +18,24 @@ Overrides given on the command line apply to the continual runs (after the deriv
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 
+from blade.config import STRATEGIES, SelectionConfig
 from blade.errors import BladeError
+from blade.runtime.preempt import EXIT_PREEMPTED, Preempted
+from blade.train.schedule import n_reference_phases
 
-STRATEGIES = ("full", "random", "rho1", "blade")
 CONFIGS = {False: ("base.yaml", "continual.yaml"), True: ("quick-base.yaml", "quick-continual.yaml")}
-EXIT_PREEMPTED = 75
 
 
 def scaled_schedule(steps: int) -> dict:
     """The paper's schedule (5000 steps: tau 1000, K 300) scaled to `steps`, as continual.yaml says."""
     tau = max(1, round(steps / 5))
     k = max(1, round(0.3 * tau))
-    syncs = math.ceil(steps / tau)
+    syncs = n_reference_phases(SelectionConfig(strategy="blade", tau=tau), steps)  # no warm-up
     return {"selection.tau": tau, "selection.k_ref_steps": k, "selection.rho1_ref_steps": syncs * k,
             "selection.diag_interval": max(1, tau // 4)}
 
@@ -89,10 +89,6 @@ class Stage:
         return seconds
 
 
-class Preempted(BladeError):
-    """A stage exited with 75 (SIGTERM/SIGUSR1): the experiment stops with 75 too and resumes on rerun."""
-
-
 def _prepare_data(data: str, cache: str, size: str, say) -> dict:
     recipe = os.path.join(data, "recipe.json")
     if os.path.isfile(recipe):
@@ -112,7 +108,7 @@ def _prepare_data(data: str, cache: str, size: str, say) -> dict:
 def _export_base(stage: Stage, data: str) -> str:
     """The base run's final proxy -> OUT/base/hf (Hugging Face layout, with the data's tokenizer)."""
     from blade.interop.export import export
-    from blade.interop.pretrained import export_hf
+    from blade.interop.export_hf import export_hf
 
     hf = os.path.join(stage.dir, "hf")
     if not os.path.isfile(os.path.join(hf, "config.json")):

@@ -1,12 +1,11 @@
-"""Start from pretrained checkpoints and export back: Hugging Face Llama directories and GGUF files.
+"""Start from pretrained checkpoints: Hugging Face Llama directories and GGUF files.
 
     fields = model_config_from_pretrained("SmolLM2.gguf")      # ModelConfig fields (the shape)
     model = Transformer(ModelConfig(**fields))
     load_pretrained(model, "SmolLM2.gguf")                      # before deepspeed.initialize
-    export_hf(model, "out/hf", tokenizer="SmolLM2.gguf")        # transformers loads out/hf
 
 A checkpoint is a directory with config.json + *.safetensors (Hugging Face; sharded or not) or a
-.gguf file (dequantised to fp32, llama.cpp's Q/K row permutation undone: see blade/gguf.py).
+.gguf file (dequantised to fp32, llama.cpp's Q/K row permutation undone: see blade/interop/gguf.py).
 Every problem (unsupported architecture, missing or unexpected tensor, shape mismatch, a data
 tokenizer that is not the checkpoint's) raises one BladeError line naming it.
 """
@@ -16,7 +15,6 @@ import functools
 import json
 import math
 import os
-import shutil
 
 from blade.errors import BladeError, ConfigError
 from blade.interop import gguf as _gguf
@@ -27,8 +25,7 @@ PRETRAINED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "
                      "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings")
 
 
-def checkpoint_kind(path: str) -> str:
-    """'gguf' for a GGUF file, 'hf' for a directory with config.json; anything else is an error."""
+def _kind(path: str) -> str:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, _hf.CONFIG)):
             return "hf"
@@ -42,21 +39,38 @@ def checkpoint_kind(path: str) -> str:
     raise BladeError(f"{path} is neither a GGUF file nor a Hugging Face checkpoint directory")
 
 
-@functools.lru_cache(maxsize=2)
-def _reader(path: str, mtime: float, size: int):
-    return _gguf.open_reader(path)
+def _stamp(path: str) -> tuple:
+    """What the per-process caches key on: the file (a HF directory's config.json) as it is now."""
+    try:
+        st = os.stat(os.path.join(path, _hf.CONFIG) if os.path.isdir(path) else path)
+    except OSError:
+        return os.path.abspath(path), None, None
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: str, stamp: tuple) -> tuple:
+    """(kind, shape fields, GGUF reader or None): a checkpoint's header is read once per process, by
+    the config's shape merge, the data check and the weight load alike (errors are not cached)."""
+    kind = _kind(path)
+    if kind == "gguf":
+        reader = _gguf.open_reader(path)
+        return kind, _gguf.model_config(path, reader), reader
+    return kind, _hf.model_config(path, _hf.read_config(path)), None
+
+
+def checkpoint_kind(path: str) -> str:
+    """'gguf' for a GGUF file, 'hf' for a directory with config.json; anything else is an error."""
+    return _open(path, _stamp(path))[0]
 
 
 def _gguf_reader(path: str):
-    st = os.stat(path)
-    return _reader(os.path.abspath(path), st.st_mtime, st.st_size)
+    return _open(path, _stamp(path))[2]
 
 
 def model_config_from_pretrained(path: str) -> dict:
     """The checkpoint's shape as ModelConfig fields (PRETRAINED_FIELDS)."""
-    if checkpoint_kind(path) == "gguf":
-        return _gguf.model_config(path, _gguf_reader(path))
-    return _hf.model_config(path, _hf.read_config(path))
+    return dict(_open(path, _stamp(path))[1])
 
 
 def _same(a, b) -> bool:
@@ -107,7 +121,7 @@ def load_pretrained(model, path: str) -> list[str]:
     rank must call it then). Returns the loaded parameter names."""
     import torch
 
-    from blade.model.transformer import _gathered
+    from blade.runtime.zero import full_shape, gathered
 
     kind = checkpoint_kind(path)
     ck = model_config_from_pretrained(path)
@@ -125,11 +139,11 @@ def load_pretrained(model, path: str) -> list[str]:
                                  "parameter (is the checkpoint untied while config.json says tied?)")
             p = params[name]
             value = torch.as_tensor(value)
-            shape = tuple(getattr(p, "ds_shape", p.shape))
+            shape = full_shape(p)
             if tuple(value.shape) != shape:
                 raise BladeError(f"shape mismatch for {name} in {path}: checkpoint "
                                  f"{tuple(value.shape)}, model {shape}")
-            with _gathered(p):
+            with gathered(p):
                 p.data.copy_(value)
             loaded.append(name)
     missing = sorted(set(params) - set(loaded), key=_param_order(params))
@@ -186,6 +200,11 @@ def check_data_compat(path: str, data_dir: str) -> None:
 
 
 def _tokenizer_fingerprints(path: str) -> list[str]:
+    return _fingerprints(path, _stamp(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprints(path: str, stamp: tuple) -> list[str]:
     """Fingerprints of every tokenizer the checkpoint carries (a HF directory may hold both a
     tokenizer.json and the SentencePiece tokenizer.model it was converted from)."""
     from blade.data.tokenizer import load_tokenizer
@@ -194,128 +213,3 @@ def _tokenizer_fingerprints(path: str) -> list[str]:
         return [pretrained_tokenizer(path).fingerprint]
     return [load_tokenizer(os.path.join(path, f)).fingerprint
             for f in ("tokenizer.json", "tokenizer.model") if os.path.isfile(os.path.join(path, f))]
-
-
-# ----------------------------------------------------------------------------- export
-
-def _find_config(weights: str):
-    """A blade model config next to an exported weights file: config.json (ModelConfig fields or
-    {"model": {...}}) or config.yaml (a resolved run config)."""
-    from blade.config import ModelConfig, load_config
-
-    folder = weights if os.path.isdir(weights) else os.path.dirname(weights)
-    for up in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
-        js, ym = os.path.join(up, "config.json"), os.path.join(up, "config.yaml")
-        if os.path.isfile(js):
-            with open(js) as f:
-                raw = json.load(f)
-            raw = raw.get("model", raw)
-            if "dim" in raw:
-                return ModelConfig(**{k: v for k, v in raw.items() if k in ModelConfig.__annotations__})
-        if os.path.isfile(ym):
-            return load_config(ym).model
-    raise BladeError(f"no blade config (config.json or config.yaml) next to {weights}: pass "
-                     "model_config= (CLI: --config)")
-
-
-def _load_state(source: str) -> dict:
-    import torch
-
-    files = ([source] if os.path.isfile(source) else
-             sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".safetensors")))
-    if not files:
-        raise BladeError(f"no blade weights (*.safetensors) in {source}")
-    state = {}
-    for file in files:
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state.update(load_file(file))
-        else:
-            try:
-                obj = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise BladeError(f"cannot read weights {file} ({type(e).__name__})") from None
-            state.update(obj.get("module", obj) if isinstance(obj, dict) else {})
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def export_hf(source, out_dir: str, model_config=None, tokenizer: str | None = None,
-              dtype: str = "float32") -> str:
-    """Write `out_dir` as a transformers LlamaForCausalLM checkpoint: config.json,
-    model.safetensors (HF names), generation_config.json and the tokenizer files when available.
-
-    `source`: a blade Transformer, a state dict with blade names, or a path to blade weights
-    (.safetensors / .pt file or a directory of .safetensors) with a config next to it.
-    `tokenizer`: SentencePiece .model, tokenizer.json (its tokenizer_config.json etc. are copied
-    too), .gguf or a directory; default: the tokenizer files next to a weights path, if any.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from blade.data.tokenizer import load_tokenizer
-
-    if isinstance(source, torch.nn.Module):
-        cfg, state = model_config or source.cfg, source.state_dict()
-    elif isinstance(source, dict):
-        if model_config is None:
-            raise BladeError("exporting a state dict needs model_config=")
-        cfg, state = model_config, {k.removeprefix("module."): v for k, v in source.items()}
-    else:
-        cfg, state = model_config or _find_config(source), _load_state(source)
-        if tokenizer is None:
-            folder = source if os.path.isdir(source) else os.path.dirname(source)
-            if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
-                tokenizer = folder
-    from blade.model.transformer import Transformer
-
-    with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters()}
-    out = {}
-    for name, shape in shapes.items():
-        if name not in state:
-            raise BladeError(f"missing tensor {name} in the weights to export")
-        t = state[name]
-        if tuple(t.shape) != shape:
-            raise BladeError(f"shape mismatch for {name}: weights {tuple(t.shape)}, config {shape}")
-        out[_hf.hf_name(name)] = t.detach().to("cpu", getattr(torch, dtype)).contiguous().clone()
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(out, os.path.join(out_dir, _hf.WEIGHTS), metadata={"format": "pt"})
-    ids = {}
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-        ids = {"eos_token_id": tok.eos_id, **({"bos_token_id": tok.bos_id} if tok.bos_id >= 0 else {})}
-        _write_tokenizer(tok, tokenizer, out_dir)
-    with open(os.path.join(out_dir, _hf.CONFIG), "w") as f:
-        json.dump(_hf.export_config(cfg, {**ids, "torch_dtype": dtype}), f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(ids, f, indent=2)
-    return out_dir
-
-
-def _write_tokenizer(tok, given: str, out_dir: str) -> None:
-    from blade.data.tokenizer import HFTokenizer
-
-    if isinstance(tok, HFTokenizer):
-        folder = os.path.dirname(tok.path) if not given.endswith(".gguf") else None
-        if folder and os.path.basename(tok.path) == "tokenizer.json":
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                src = os.path.join(folder, name)
-                if os.path.isfile(src) and not _samefile(src, os.path.join(out_dir, name)):
-                    shutil.copyfile(src, os.path.join(out_dir, name))
-            if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-                return
-        tok.save(out_dir)
-        return
-    tok.save(out_dir)  # SentencePiece: tokenizer.model, read by transformers' LlamaTokenizer
-    sp = tok.sp
-    meta = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-            "legacy": False, "eos_token": sp.id_to_piece(tok.eos_id)}
-    if tok.bos_id >= 0:
-        meta["bos_token"] = sp.id_to_piece(tok.bos_id)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def _samefile(a: str, b: str) -> bool:
-    return os.path.exists(b) and os.path.samefile(a, b)

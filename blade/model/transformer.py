@@ -7,7 +7,6 @@ wq/wk.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from blade.config import ModelConfig
+from blade.runtime.zero import full_numel, gathered
 
 IGNORE_INDEX = -100
 
@@ -205,7 +205,7 @@ class Transformer(nn.Module):
         """
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            with _gathered(p):
+            with gathered(p):
                 if name.endswith("norm.weight"):
                     nn.init.ones_(p)
                 elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
@@ -233,16 +233,7 @@ class Transformer(nn.Module):
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Unique parameter count (ZeRO-3 aware); exclude_embedding drops the token-embedding matrix."""
-        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        n = sum(full_numel(p) for p in self.parameters())
         if exclude_embedding:
-            n -= getattr(self.tok_emb.weight, "ds_numel", self.tok_emb.weight.numel())
+            n -= full_numel(self.tok_emb.weight)
         return n
-
-
-def _gathered(p: nn.Parameter):
-    """Context in which a ZeRO-3 partitioned parameter is whole and rank 0's changes are kept."""
-    if not hasattr(p, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(p, modifier_rank=0)

@@ -3,14 +3,16 @@
     <run.dir>/checkpoints/step_000123/     123 = proxy steps completed (the resumed run starts at step 123)
         proxy/        DeepSpeed save_checkpoint of the proxy: weights, fp32 master, AdamW, LR scheduler
         reference/    the same for the reference engine (rho1 / blade)
-        rank_00000.pt per-rank state: RNG states (python, numpy, torch, cuda), diagnostics window
-        state.json    everything global: counters, data positions, reference cycle, fingerprints, config
+        rank_00000.pt per-rank state: RNG states (python, numpy, torch, cuda), the components' rank states
+        state.json    everything global: the components' states (counters, data positions, reference
+                      cycle, ...), the run's identity (world size, model shape, fingerprints), the config
         COMPLETE      written last, by rank 0, after a barrier: only a directory holding it is a checkpoint
     <run.dir>/checkpoints/latest           the name of the newest complete checkpoint (atomic replace)
 
 `resume=auto` takes the highest-numbered directory that holds COMPLETE (a crash between COMPLETE and
 `latest` loses nothing). Files we read ourselves go through torch.load(weights_only=True) or JSON.
-Resuming on another world size is blade/reshard.py; `blade export` is blade/export.py.
+What goes into state.json and the rank files is blade/train/state.py; resuming on another world size
+is blade/runtime/reshard.py; `blade export` is blade/interop/export.py.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from blade.errors import BladeError
 from blade.runtime import faults
-from blade.runtime.dist import all_reduce
+from blade.runtime.dist import all_reduce, barrier
 
-FORMAT = "blade-checkpoint-1"
+FORMAT = "blade-checkpoint-2"    # components' state under "components" (blade/train/state.py)
+FORMAT_1 = "blade-checkpoint-1"  # the first format (flat keys); still read
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "state.json"
@@ -126,8 +128,8 @@ def read_state(path: str) -> dict:
         raise CheckpointError(f"cannot read {file} ({e.strerror}): not a blade checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is corrupt ({e}): use an earlier checkpoint") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{file} is not a {FORMAT} checkpoint state")
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, FORMAT_1):
+        raise CheckpointError(f"{file} is not a blade checkpoint state ({FORMAT} or {FORMAT_1})")
     return state
 
 
@@ -162,11 +164,6 @@ def _plain(x):
 # ----------------------------------------------------------------------------- save
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state: dict, rank: int,
          keep_last_n: int) -> str:
     """Write checkpoint `completed` (a collective: every rank calls it). Returns its path."""
@@ -176,7 +173,7 @@ def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state:
         if os.path.exists(path):  # a torn save of this step, or a superseded one: never mix the two
             _remove(path)
         os.makedirs(path)
-    _barrier()
+    barrier()
     faults.point("save", completed, "begin")
     for name, engine in engines.items():
         engine.save_checkpoint(path, tag=name, save_latest=False)
@@ -186,7 +183,7 @@ def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state:
         with open(os.path.join(path, STATE), "w") as f:
             json.dump(state, f, indent=1)
     faults.point("save", completed, "before_barrier")
-    _barrier()  # every rank's files are written
+    barrier()  # every rank's files are written
     if rank == 0:
         for dirpath, _, files in os.walk(path):
             for name in files:
@@ -196,7 +193,7 @@ def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state:
         faults.point("save", completed, "before_latest")
         write_atomic(os.path.join(ckpt_root, LATEST), step_name(completed) + "\n")
         prune(ckpt_root, keep_last_n, keep=path)
-    _barrier()
+    barrier()
     return path
 
 

@@ -121,20 +121,48 @@ def setup(timeout_s: int = 300, backend: str = "auto", threads_per_rank: int = 0
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
-def all_reduce(t, op=None):
-    """All-reduce a small tensor in place on any backend (nccl wants it on the GPU); no-op alone."""
+# ----------------------------------------------------------------------------- small collectives
+# The one set of helpers every module uses: each is a no-op in a world of one (or without a process
+# group), and nccl gets its tensors on the GPU.
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """(rank, world size) in `group`; (0, 1) when torch.distributed is not initialised."""
     import torch.distributed as dist
 
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def all_reduce(t, op=None, group=None):
+    """All-reduce a tensor in place on any backend (nccl wants it on the GPU); no-op alone."""
+    import torch.distributed as dist
+
+    if rank_and_world(group)[1] == 1:
         return t
     op = op or dist.ReduceOp.SUM
-    if dist.get_backend() == "nccl" and not t.is_cuda:
+    if dist.get_backend(group) == "nccl" and not t.is_cuda:
         moved = t.cuda()
-        dist.all_reduce(moved, op=op)
+        dist.all_reduce(moved, op=op, group=group)
         t.copy_(moved.cpu())
     else:
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums of a few Python numbers over the ranks, in float64 (one collective)."""
+    import torch
+
+    return all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def shutdown(exit_code: int = 0) -> None:

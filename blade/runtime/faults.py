@@ -18,6 +18,7 @@ after_reference, before_barrier, before_complete, before_latest}.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -63,6 +64,20 @@ def point(*name) -> set[str]:
         else:
             actions.add(action)
     return actions
+
+
+@contextlib.contextmanager
+def poisoned(module, actions: set[str]):
+    """Inside the block every forward of `module` returns NaN losses (nan_loss) or finite losses
+    whose backward sends NaN gradients (nan_grad): the step itself carries no fault code."""
+    poisons = {"nan_loss": lambda mod, args, out: out * float("nan"),
+               "nan_grad": lambda mod, args, out: nan_grad(out)}
+    hooks = [module.register_forward_hook(poisons[a]) for a in sorted(actions) if a in poisons]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def nan_grad(loss):

@@ -7,27 +7,38 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 
 
 class MetricsLogger:
+    """State: the wandb run id (a resumed run continues the same wandb run) and the first and latest
+    headline losses. wandb starts at the first record, after a resume has loaded the id."""
+
     def __init__(self, run_dir: str, enabled: bool, wandb_mode: str = "off", project: str = "blade",
                  run_name: str | None = None, config: dict | None = None, total_steps: int = 0,
-                 progress: bool = True, wandb_id: str | None = None):
+                 progress: bool = True):
         self.enabled = enabled
         self.total_steps = total_steps
         self.progress = progress and enabled
+        self.wandb_id = secrets.token_hex(4)  # os.urandom: draws nothing from the seeded RNGs
         self._file = None
         self._wandb = None
+        self._wandb_args = (run_dir, wandb_mode, project, run_name, config) if wandb_mode != "off" else None
         self._t0 = time.time()
         self._first_last: dict[str, list[float]] = {}
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        if wandb_mode != "off":
-            self._wandb = _start_wandb(run_dir, wandb_mode, project, run_name, config, wandb_id)
+
+    def state_dict(self) -> dict:
+        return {"wandb_id": self.wandb_id, "first_last": self._first_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wandb_id = state["wandb_id"]
+        self._first_last.update(state["first_last"])
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -36,6 +47,8 @@ class MetricsLogger:
         for key in ("loss_all_tokens", "val_loss"):
             if key in record:
                 self._first_last.setdefault(key, [record[key], record[key]])[1] = record[key]
+        if self._wandb is None and self._wandb_args is not None:
+            self._wandb = _start_wandb(*self._wandb_args, run_id=self.wandb_id)
         if self._wandb is not None:
             flat = {f"{record['kind']}/{k}": v for k, v in record.items()
                     if k not in ("kind", "step") and isinstance(v, (int, float))}

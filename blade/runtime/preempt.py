@@ -22,12 +22,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):
-    """Raised out of Trainer.fit on every rank after an agreed stop; the CLI exits with 75."""
-
-    def __init__(self, reason: str, step: int, checkpoint: str | None):
-        self.reason, self.step, self.checkpoint = reason, step, checkpoint
-        where = checkpoint or "none yet: the run restarts from the beginning"
-        super().__init__(f"stopped ({reason}) after {step} steps; resume point: {where}")
+    """A stop that left a resume point: raised out of Trainer.fit on every rank after an agreed stop,
+    and by `blade experiment` when a stage exits with EXIT_PREEMPTED. The CLI exits with 75."""
 
 
 class StopRequest:

@@ -6,6 +6,7 @@ zero_to_fp32 reads) and cut into this run's partitions; per-rank RNG states are 
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import re
@@ -63,7 +64,7 @@ def load_zero3_resharded(engine, full: dict, extra: dict, rank: int, world: int)
         safe_set_local_optimizer_state,
     )
 
-    from blade.train.engines import base_optimizer, drop_gathered, master_partitions
+    from blade.runtime.zero import base_optimizer, drop_gathered, master_partitions
 
     drop_gathered(engine)
     opt = base_optimizer(engine)
@@ -93,28 +94,18 @@ def load_zero3_resharded(engine, full: dict, extra: dict, rank: int, world: int)
             group["lr"] = lr
 
 
-def load_resharded(path: str, engines: dict, rank: int, world: int, seed: int, completed: int) -> dict:
-    """Resume a checkpoint written by another number of ranks (ZeRO-3). Weights, fp32 masters and Adam
-    moments are re-partitioned exactly; per-rank RNG states are re-derived from (seed, step, rank);
-    the diagnostics windows of the old ranks are summed into rank 0."""
+def load_resharded(path: str, engines: dict, rank: int, world: int) -> list[dict]:
+    """Load the engines of a checkpoint written by another number of ranks (ZeRO-3): weights, fp32
+    masters and Adam moments are re-partitioned exactly. Returns the old ranks' rank files, for the
+    components to merge (blade/train/state.py); RNG states come from derived_rng_state."""
     for name, engine in engines.items():
         full, extra = consolidate_zero3(os.path.join(path, name))
         load_zero3_resharded(engine, full, extra, rank, world)
         del full
-    import glob
-
-    old = [torch.load(f, weights_only=True) for f in sorted(glob.glob(os.path.join(path, "rank_*.pt")))]
-    if not old:
+    files = sorted(glob.glob(os.path.join(path, "rank_*.pt")))
+    if not files:
         raise CheckpointError(f"checkpoint {path} holds no rank_*.pt files: it is damaged")
-    window = [sum(o["diagnostics_window"][i] for o in old) for i in range(len(old[0]["diagnostics_window"]))]
-    bad = {}
-    for o in old:
-        for name, samples in o["bad_samples"].items():
-            bad.setdefault(name, set()).update(samples)
-    return {"rank": rank, "rng": derived_rng_state(seed, completed, rank),
-            "diagnostics_window": window if rank == 0 else [torch.zeros_like(w) for w in window],
-            "last_score_mean": old[0]["last_score_mean"],
-            "bad_samples": {name: sorted(v) for name, v in bad.items()}}
+    return [torch.load(f, weights_only=True) for f in files]
 
 
 def derived_rng_state(seed: int, completed: int, rank: int) -> dict:

@@ -23,9 +23,10 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
-# The phases of one proxy step (trainer.train_step), in the order they run, and of a reference phase.
+from blade.runtime.dist import barrier, rank_and_world
+
+# The phases of one proxy step (BladeStep.train_step in blade/train/step.py), in the order they run, and of a reference phase.
 STEP_PHASES = ("data_wait", "proxy_forward", "reference_forward", "selection", "backward", "optimizer_step")
 REF_PHASES = ("ref_score", "sync", "ref_train")
 
@@ -46,9 +47,9 @@ class PhaseTimer:
     @contextmanager
     def __call__(self, phase: str):
         self._sync()
-        if phase in self.wait_phases and dist.is_initialized() and dist.get_world_size() > 1:
+        if phase in self.wait_phases and rank_and_world()[1] > 1:
             t0 = time.perf_counter()
-            dist.barrier()
+            barrier()
             self.totals["rank_wait"] = self.totals.get("rank_wait", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         try:

@@ -30,6 +30,31 @@ class SelectionDiagnostics:
         self.hist = None
         self.last_score_mean = float("nan")
 
+    def state_dict(self) -> dict:
+        """The run totals (already all-reduced: the same on every rank)."""
+        return {"run_total": [t.tolist() for t in self.run_total]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for total, saved in zip(self.run_total, state["run_total"], strict=True):
+            total.copy_(torch.tensor(saved, dtype=torch.float64))
+
+    def rank_state_dict(self) -> dict:
+        """This rank's counts of the window not yet all-reduced, and its last mean score."""
+        return {"window": [w.clone() for w in self.window], "last_score_mean": self.last_score_mean}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        for window, saved in zip(self.window, state["window"], strict=True):
+            window.copy_(saved)
+        self.last_score_mean = state["last_score_mean"]
+
+    @staticmethod
+    def merge_rank_states(states: list[dict], rank: int) -> dict:
+        """Rank `rank`'s state after resharding from len(states) ranks: rank 0 takes the old windows'
+        sum, so that the next flush counts every token once."""
+        window = [sum(s["window"][i] for s in states) for i in range(len(states[0]["window"]))]
+        return {"window": window if rank == 0 else [torch.zeros_like(w) for w in window],
+                "last_score_mean": states[0]["last_score_mean"]}
+
     def due(self, step: int, cfg) -> bool:
         interval = cfg.selection.diag_interval
         return bool(interval) and ((step + 1) % interval == 0 or step == cfg.train.steps - 1)

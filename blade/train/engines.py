@@ -5,32 +5,49 @@ so every parameter is partitioned identically on every rank: rank r's shard of p
 the same shape as rank r's shard of reference parameter i. That makes the sync a purely local copy
 (no collective traffic): the working weights (ZeRO-3 `ds_tensor`, or the full tensor for stages 0-2)
 *and* the optimizer's fp32 master partitions, which ZeRO keeps as a separate copy even in fp32 and
-which would otherwise overwrite the copied weights at the next reference step (notes: pitfall 1).
+which would otherwise overwrite the copied weights at the next reference step (docs/deepspeed_cpu.md,
+pitfall 1). The partition internals themselves live in blade/runtime/zero.py.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
-from blade.config import BladeConfig
+from blade.config import BladeConfig, deep_merge
 from blade.model.transformer import Transformer
-
-# Where each DeepSpeed optimizer wrapper keeps its fp32 master copy: ZeRO-3, ZeRO-1/2, BF16_Optimizer,
-# and FP16_UnfusedOptimizer (stage 0 with bf16; a list of per-parameter lists).
-_MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
-                 "fp32_groups_flat_partition", "fp32_groups")
+from blade.runtime import zero
+from blade.runtime.dist import all_reduce, rank_and_world
+from blade.train.schedule import uses_reference
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+class Engines:
+    """The proxy u and, for rho1 and blade, the reference w (None otherwise).
+
+    Same seed => identical initial weights; same config => identical partitioning. A pretrained
+    checkpoint (model.init_from) is loaded into the proxy only: the reference is synced from the
+    proxy before its first use, so loading it too would be wasted work.
+    State: whether w has been trained yet (the DeepSpeed files hold the rest)."""
+
+    def __init__(self, cfg: BladeConfig, world_size: int):
+        sel, seed = cfg.selection, cfg.train.seed
+        self.proxy = build_engine(cfg, world_size, seed, schedule=True, init_from=cfg.model.init_from)
+        self.reference = None
+        if uses_reference(sel.strategy):
+            bf16 = True if sel.ref_precision == "bf16" else None
+            self.reference = build_engine(cfg, world_size, seed, schedule=False, bf16=bf16,
+                                          offload_params=sel.ref_offload)
+        self.reference_ready = False  # becomes True once w has been trained (first sync / rho1)
+
+    def by_name(self) -> dict:
+        """{"proxy": ..., "reference": ...}: the engines a checkpoint saves, by directory name."""
+        return {"proxy": self.proxy, **({"reference": self.reference} if self.reference is not None else {})}
+
+    def state_dict(self) -> dict:
+        return {"ready": self.reference_ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference_ready = state["ready"]
 
 
 def deepspeed_config(cfg: BladeConfig, world_size: int, bf16: bool | None = None,
@@ -54,7 +71,7 @@ def deepspeed_config(cfg: BladeConfig, world_size: int, bf16: bool | None = None
             "torch_adam": True}},  # torch's AdamW: no JIT-compiled fused op needed
         "bf16": {"enabled": cfg.train.precision == "bf16" if bf16 is None else bf16},
     }
-    return _deep_merge(ds, cfg.deepspeed.extra)
+    return deep_merge(ds, cfg.deepspeed.extra)
 
 
 def lr_at(cfg: BladeConfig, step: int) -> float:
@@ -79,16 +96,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
-                 bf16: bool | None = None, offload_params: bool = False):
-    """One DeepSpeed engine around a freshly initialised Transformer (same seed => same init)."""
+                 bf16: bool | None = None, offload_params: bool = False, init_from: str | None = None):
+    """One DeepSpeed engine around a freshly initialised Transformer (same seed => same init), with
+    the weights of the pretrained checkpoint `init_from` when given."""
     import deepspeed
 
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
-    if cfg.model.init_from:  # continual pretraining: every rank loads, before DeepSpeed partitions
+    if init_from:  # continual pretraining: every rank loads, before DeepSpeed partitions
         from blade.interop.pretrained import load_pretrained
 
-        load_pretrained(model, cfg.model.init_from)
+        load_pretrained(model, init_from)
     scheduler = None
     if schedule:
         base = cfg.optim.lr
@@ -100,80 +118,46 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
     return engine
 
 
-def zero_stage(engine) -> int:
-    return engine.zero_optimization_stage()
-
-
-def local_shards(engine) -> list[torch.Tensor]:
-    """This rank's piece of every parameter: the ZeRO-3 partition, or the full tensor below stage 3."""
-    return [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
-
-
-def master_partitions(engine) -> list[torch.Tensor]:
-    for attr in _MASTER_ATTRS:
-        if hasattr(engine.optimizer, attr):
-            groups = getattr(engine.optimizer, attr)
-            return [t for g in groups for t in (g if isinstance(g, (list, tuple)) else [g])]
-    return []  # stage 0 fp32: the optimizer works on the parameters themselves
-
-
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
-
-
-def drop_gathered(engine) -> None:
-    """Release parameters a no-grad ZeRO-3 forward left gathered (notes: pitfall 2).
-
-    `engine.empty_partition_cache()` would do the same plus a 300 ms gc.collect()."""
-    if zero_stage(engine) == 3 and hasattr(engine.optimizer, "empty_partition_cache"):
-        engine.optimizer.empty_partition_cache()
-
-
-def reset_optimizer_state(engine) -> None:
-    """A fresh AdamW: zero moments and step counters (what a newly created AdamW starts from)."""
-    for state in base_optimizer(engine).state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                value.zero_()
+def per_token_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Per-token CE [B, T] of `engine`. Without grad (scoring, evaluation) the forward runs in eval
+    mode (no dropout), the engine's mode is restored after and the parameters the no-grad ZeRO-3
+    forward left gathered are released."""
+    if grad:
+        return engine(inputs, targets)
+    was_training = engine.module.training
+    engine.eval()
+    with torch.no_grad():
+        loss = engine(inputs, targets)
+    engine.train(was_training)
+    zero.drop_gathered(engine)
+    return loss
 
 
 def set_lr(engine, lr: float) -> None:
-    for group in base_optimizer(engine).param_groups:
+    for group in zero.base_optimizer(engine).param_groups:
         group["lr"] = lr
 
 
 @torch.no_grad()
 def sync_reference(proxy, reference) -> None:
     """w <- u by copying this rank's partitions; the reference optimizer restarts from scratch."""
-    drop_gathered(reference)
-    drop_gathered(proxy)
-    for src, dst in zip(local_shards(proxy), local_shards(reference), strict=True):
+    zero.drop_gathered(reference)
+    zero.drop_gathered(proxy)
+    for src, dst in zip(zero.local_shards(proxy), zero.local_shards(reference), strict=True):
         dst.copy_(src)
-    for src, dst in zip(master_partitions(proxy), master_partitions(reference), strict=True):
+    for src, dst in zip(zero.master_partitions(proxy), zero.master_partitions(reference), strict=True):
         dst.copy_(src)
-    reset_optimizer_state(reference)
+    zero.reset_optimizer_state(reference)
 
 
 @torch.no_grad()
 def relative_distance(proxy, reference, world_size: int) -> float:
     """Dist(u, w) = ||u - w|| / ||u|| over all parameters, from local partitions + one all-reduce."""
-    import torch.distributed as dist
-
-    from blade.runtime.dist import all_reduce
-
-    sharded = zero_stage(proxy) == 3
+    sharded = zero.zero_stage(proxy) == 3
+    rank = rank_and_world()[0]
     sums = torch.zeros(2, dtype=torch.float64)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     for pu, pw in zip(proxy.module.parameters(), reference.module.parameters(), strict=True):
-        if sharded:
-            part = pu.ds_tensor.numel()
-            n = max(0, min(part, pu.ds_numel - rank * part))  # the last partition is padded
-            u, w = pu.ds_tensor[:n].double(), pw.ds_tensor[:n].double()
-        else:
-            u, w = pu.data.double(), pw.data.double()
+        u, w = zero.owned_part(pu, rank).double(), zero.owned_part(pw, rank).double()
         sums[0] += float((u - w).pow(2).sum())
         sums[1] += float(u.pow(2).sum())
     if sharded:

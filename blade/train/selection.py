@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from blade.runtime.dist import all_reduce, rank_and_world
+
 MAX_ROUNDS = 3  # 1 (counts + high digit) + 1 (low digit) + 1 (ties)
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
@@ -43,33 +45,6 @@ class TopkStats:
     n_local: int      # tokens kept on this rank
     threshold: float  # the k-th largest score (the smallest kept); nan when nothing is kept
     rounds: int       # collectives used (counted also in a world of one, where they are no-ops)
-
-
-# ----------------------------------------------------------------------------- collectives
-
-
-def _world(group) -> tuple[int, int]:
-    """(rank, world size) in `group`; (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
-def _all_reduce(t: torch.Tensor, group, op=None) -> torch.Tensor:
-    if _world(group)[1] > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
-    return t
-
-
-def global_sum(x: float | torch.Tensor, group=None) -> float:
-    """Sum of one scalar over the ranks of `group` (float64)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach().to(torch.float64).sum().reshape(1)
-    else:
-        on_gpu = _world(group)[1] > 1 and dist.get_backend(group) == "nccl"
-        t = torch.tensor([float(x)], dtype=torch.float64,
-                         device=torch.cuda.current_device() if on_gpu else "cpu")
-    return float(_all_reduce(t, group).item())
 
 
 # ----------------------------------------------------------------------------- exact top-k
@@ -111,14 +86,14 @@ def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int]
                          f"{tuple(valid.shape)} must both be [M, N, ...]")
     shape = scores.shape
     scores, valid = scores.reshape(shape[0], -1), valid.reshape(shape[0], -1).bool()
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     device = scores.device
 
     key = _sortable_key(scores).masked_fill_(~valid, 0)  # invalid: below every finite score
     high = (key >> _DIGIT_BITS).flatten()
     counts = torch.cat([torch.stack([valid.sum(), (valid & ~torch.isfinite(scores)).sum()]),
                         torch.bincount(high, minlength=_BINS)])
-    counts = _all_reduce(counts, group)  # round 1: counts and the high digit's histogram
+    counts = all_reduce(counts, group=group)  # round 1: counts and the high digit's histogram
     n_valid, n_bad = counts[:2].tolist()
     rounds = 1
     if n_bad:
@@ -137,13 +112,13 @@ def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int]
         return mask.reshape(shape), stats(mask, math.nan)
     if n_selected == n_valid:  # everything valid; one more round only to report the threshold
         local_min = scores[valid].float().min() if valid.any() else torch.tensor(math.inf)
-        low = _all_reduce(local_min.reshape(1).to(device), group, dist.ReduceOp.MIN)
+        low = all_reduce(local_min.reshape(1).to(device), dist.ReduceOp.MIN, group)
         rounds += 1
         return valid.reshape(shape).clone(), stats(valid, low.item())
 
     b, rest, _ = _pick_bin(counts[2:], n_selected)
     low_digit = key.flatten()[high == b] & (_BINS - 1)  # the keys in the chosen high bin
-    hist = _all_reduce(torch.bincount(low_digit, minlength=_BINS), group)  # round 2: the low digit
+    hist = all_reduce(torch.bincount(low_digit, minlength=_BINS), group=group)  # round 2: the low digit
     rounds += 1
     c, rest, n_tied = _pick_bin(hist, rest)  # n_tied: global count of keys equal to the threshold
     prefix = (b << _DIGIT_BITS) | c          # the k-th largest key; `rest` of its ties are kept
@@ -154,7 +129,7 @@ def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int]
     else:  # hand the `rest` kept ties out in global order: (micro-batch, rank), then local index
         per_block = torch.zeros(shape[0], world, dtype=torch.int64, device=device)
         per_block[:, rank] = tied.sum(1)
-        per_block = _all_reduce(per_block.flatten(), group)
+        per_block = all_reduce(per_block.flatten(), group=group)
         rounds += 1
         before = per_block.cumsum(0) - per_block
         quota = (rest - before).clamp(min=0).minimum(per_block).view(shape[0], world)[:, rank]
@@ -184,13 +159,6 @@ def keep_count(gamma: float, n_valid: int) -> int:
     return math.ceil(g * n_valid)
 
 
-def select_full(valid: torch.Tensor, group=None) -> tuple[torch.Tensor, TopkStats]:
-    """Every valid token (the `full` baseline)."""
-    n_valid = int(global_sum(valid.sum(), group))
-    n_local = int(valid.sum())
-    return valid.bool().clone(), TopkStats(n_valid, n_valid, n_valid, n_local, math.nan, 1)
-
-
 def _generator_seed(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step) % (1 << 63)
 
@@ -204,7 +172,7 @@ def select_random(valid: torch.Tensor, gamma: float, seed: int, step: int,
     Cost: one draw of M * world * N floats per rank. (float32 keys may tie, rarely; ties go to
     the lower position, a negligible bias.)
     """
-    rank, world = _world(group)
+    rank, world = rank_and_world(group)
     m, n = valid.shape[0], valid[0].numel()
     gen = torch.Generator().manual_seed(_generator_seed(seed, step))
     keys = torch.rand(m, world, n, generator=gen)[:, rank].reshape(valid.shape)

@@ -1,0 +1,264 @@
+"""One step of the proxy, and the reference phase: Algorithm 1 of docs/algorithm.md, top to bottom.
+
+    before steps W, W + tau, ...  reference_phase(): score K pool batches with u and the outgoing w,
+                                  w <- u (local shards), K steps of CE(w; b_val) + lam * masked CE(w; b_tr)
+    every step                    train_step(): b ~ D_tr (one Frank-Wolfe block = the global batch)
+                                  l_u = proxy per-token CE;  l_w = reference per-token CE (no grad)
+                                  mask = exact global top-ceil(gamma * n_valid) of s = l_u - l_w
+                                  loss = sum(mask * l_u) / sum(mask) over the global batch; proxy step
+
+The exact top-k, the Frank-Wolfe weights and the loss scaling are blade/train/selection.py; the
+engines and the sync are blade/train/engines.py. Checkpoints, evaluation and stops are the loop's
+(blade/train/loop.py).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from blade.errors import BladeError
+from blade.model.transformer import IGNORE_INDEX
+from blade.runtime.dist import all_reduce_sum
+from blade.runtime.timing import REF_PHASES, STEP_PHASES
+from blade.train import engines, schedule, selection
+
+
+@dataclass
+class MicroBatch:
+    inputs: torch.Tensor    # [B, T] token ids
+    targets: torch.Tensor   # [B, T] next-token ids, IGNORE_INDEX where not trained on
+    sources: torch.Tensor   # [B, T] source id of each target
+    labels: torch.Tensor    # [B, T] noise label of each target (0 = none)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.targets != IGNORE_INDEX
+
+
+def to_micro_batch(batch: dict, device: str) -> MicroBatch:
+    tokens = batch["tokens"].to(device)
+    targets = tokens[:, 1:].clone()
+    targets[~batch["valid"].to(device)] = IGNORE_INDEX  # a skipped (corrupt) sample trains nothing
+    return MicroBatch(tokens[:, :-1], targets, batch["sources"][:, 1:].to(device),
+                      batch["labels"][:, 1:].to(device))
+
+
+@dataclass
+class Counters:
+    """Run totals that go into every train record and every checkpoint."""
+    tokens_seen: int = 0
+    tokens_trained: int = 0
+    nonfinite_skipped: int = 0   # steps skipped for non-finite losses or gradients
+    nonfinite_streak: int = 0    # ... of them in a row, up to now
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class NonFiniteAbort(BladeError):
+    """Too many non-finite steps in a row: the run stops after checkpointing the last good weights."""
+
+
+class BladeStep:
+    """The proxy step and the reference phase of one run (full, random, rho1 or blade).
+
+    `check_stop(where, step, index)` is the loop's stop point: the reference phase calls it before
+    every pool batch and reference step, so that a preemption never waits for a whole phase."""
+
+    def __init__(self, cfg, world, twins: engines.Engines, streams: dict, diagnostics, counters: Counters,
+                 timer, log, stop, check_stop):
+        self.cfg, self.sel, self.world = cfg, cfg.selection, world
+        self.twins, self.streams, self.diagnostics, self.counters = twins, streams, diagnostics, counters
+        self.timer, self.log, self.stop, self.check_stop = timer, log, stop, check_stop
+        self.scored = schedule.uses_reference(self.sel.strategy)  # rho1 / blade score with l(u) - l(w)
+
+    # ------------------------------------------------------------------ per-token losses
+    def micro_batches(self, stream: str) -> list[MicroBatch]:
+        return [to_micro_batch(b, self.world.device) for b in self.streams[stream].next_step()]
+
+    def per_token_loss(self, engine, mb: MicroBatch, grad: bool) -> torch.Tensor:
+        return engines.per_token_loss(engine, mb.inputs, mb.targets, grad)
+
+    def scores(self, mbs: list[MicroBatch], proxy_losses: list[torch.Tensor],
+               ref: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """s = l(u) - l(w) per token, [M, B*T]; invalid positions are masked out by the caller."""
+        if ref is None:
+            ref = [self.per_token_loss(self.twins.reference, mb, grad=False) for mb in mbs]
+        return torch.stack([(lu.detach().float() - lw.float()).flatten() for lu, lw in zip(proxy_losses, ref)])
+
+    # ------------------------------------------------------------------ one proxy step
+    def train_step(self, step: int) -> dict:
+        cfg, sel, proxy, timer = self.cfg, self.sel, self.twins.proxy, self.timer
+        t0 = time.perf_counter()
+        timer.reset()
+        with timer("data_wait"):
+            mbs = self.micro_batches("train")
+        valid = torch.stack([mb.valid.flatten() for mb in mbs])
+        selecting = schedule.selecting(sel, step)
+        keep_graph = len(mbs) == 1  # with accumulation, score first (no grad) and recompute to train
+        proxy.train()
+        ref_losses = None  # the reference forward first, so its temporaries never meet the proxy's graph
+        if selecting and self.scored:
+            with timer("reference_forward"):
+                ref_losses = [self.per_token_loss(self.twins.reference, mb, grad=False) for mb in mbs]
+        with timer("proxy_forward"):
+            losses = [self.per_token_loss(proxy, mb, grad=keep_graph) for mb in mbs]
+        bad = sum(float((~torch.isfinite(lu.detach()) & mb.valid).sum()) for lu, mb in zip(losses, mbs))
+        n_bad, n_valid = all_reduce_sum([bad, float(valid.sum())])
+        if n_bad:  # the same decision on every rank, before any backward: no update anywhere
+            return self.skip_step(step, int(n_valid), t0, f"{int(n_bad)} non-finite token losses")
+
+        # the Frank-Wolfe oracle: the exact top-k of the global batch (or the baselines' choice)
+        stats, score = None, None
+        if not selecting:
+            mask = valid
+        elif sel.strategy == "random":
+            with timer("selection"):
+                mask, stats = selection.select_random(valid, sel.gamma, cfg.train.seed, step)
+        else:
+            with timer("reference_forward"):
+                score = self.scores(mbs, losses, ref_losses)
+            with timer("selection"):
+                mask, stats = selection.select_by_score(score, valid, sel.gamma)
+        if selecting or sel.strategy == "full":  # warm-up steps would blur the rates
+            proxy_loss = torch.stack([lu.detach().float().flatten() for lu in losses])
+            self.diagnostics.observe(step, mask, mbs, cfg, proxy_loss, score)
+        weights = selection.frank_wolfe_weights(mask, valid, sel.gamma, sel.eta if selecting else 1.0)
+
+        # the proxy update on sum(weights * l_u) / sum(weights) over the global batch
+        total_weight, n_selected = all_reduce_sum([float(weights.sum()), float(mask.sum())])
+        local = [0.0, 0.0]  # sum(w * l), sum(l) over valid tokens: the logged losses
+        for m, mb in enumerate(mbs):
+            with timer("proxy_forward"):
+                lu = losses[m] if keep_graph else self.per_token_loss(proxy, mb, grad=True)
+            w = weights[m].view_as(lu)
+            loss, = selection.masked_mean_loss_scale([lu], [w], total_weight, self.world.world_size)
+            with timer("backward"):
+                proxy.backward(loss, scale_wrt_gas=False)
+            with timer("optimizer_step"):
+                proxy.step()
+            local[0] += float((lu.detach() * w).sum())
+            local[1] += float((lu.detach() * mb.valid).sum())
+        trained_loss, all_loss = all_reduce_sum(local)
+        grad_norm = proxy.get_global_grad_norm()
+        if getattr(proxy.optimizer, "overflow", False):  # DeepSpeed skipped it: non-finite grad norm
+            return self.skip_step(step, int(n_valid), t0, "non-finite gradient norm")
+        if grad_norm is not None and not math.isfinite(_float(grad_norm)):
+            raise NonFiniteAbort(f"step {step}: a non-finite gradient was applied (this DeepSpeed setup does "
+                                 "not skip such steps; with ZeRO-1/2 and bf16 set deepspeed.extra.bf16."
+                                 "check_grad_overflow=true); resume from the newest checkpoint")
+
+        c = self.counters
+        c.nonfinite_streak = 0
+        c.tokens_seen += int(n_valid)
+        c.tokens_trained += int(n_selected)
+        record = {
+            "kind": "train", "step": step,
+            "loss": trained_loss / max(total_weight, 1e-12),   # mean over the tokens trained on
+            "loss_all_tokens": all_loss / max(n_valid, 1),      # proxy loss over the whole batch
+            "lr": engines.lr_at(cfg, step), "grad_norm": _float(grad_norm),
+            "tokens_seen": c.tokens_seen, "tokens_trained": c.tokens_trained,
+            "n_valid": int(n_valid), "n_selected": int(n_selected),
+            "kept_fraction": n_selected / max(n_valid, 1),
+            **timer.record(STEP_PHASES), "step_time_s": time.perf_counter() - t0,
+            "data_skipped_sequences": self.streams["train"].ds.skipped_sequences,
+            "nonfinite_skipped": c.nonfinite_skipped,
+        }
+        if stats is not None:
+            record.update(topk_rounds=stats.rounds, score_threshold=stats.threshold)
+        if selecting and self.scored:
+            record["score_mean"] = self.diagnostics.last_score_mean
+        return record
+
+    def skip_step(self, step: int, n_valid: int, t0: float, why: str) -> dict:
+        """A step without an update on any rank: its batch is consumed and the LR schedule advances
+        (it follows the step index), the weights and optimizer moments stay as they were."""
+        proxy, c = self.twins.proxy, self.counters
+        if proxy.lr_scheduler is not None:
+            proxy.lr_scheduler.step()  # DeepSpeed does not step it for a skipped update
+        c.nonfinite_skipped += 1
+        c.nonfinite_streak += 1
+        c.tokens_seen += n_valid
+        return {"kind": "skip", "step": step, "reason": why, "lr": engines.lr_at(self.cfg, step),
+                "n_valid": n_valid, "tokens_seen": c.tokens_seen, "tokens_trained": c.tokens_trained,
+                "nonfinite_skipped": c.nonfinite_skipped, "nonfinite_streak": c.nonfinite_streak,
+                "step_time_s": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ the reference
+    def reference_phase(self, step: int) -> None:
+        """Sync w <- u, then K steps of CE(w; b_val) + lam * masked CE(w; b_tr); then w is frozen.
+
+        rho1 trains once, from the current proxy, on the target set alone (lam = 0)."""
+        sel, twins, timer, t0 = self.sel, self.twins, self.timer, time.perf_counter()
+        timer.reset()
+        rho1 = sel.strategy == "rho1"
+        k_steps = sel.rho1_ref_steps if rho1 else sel.k_ref_steps
+        pool, masks = [], []
+        if not rho1:  # masks come from the selection rule against the outgoing reference w_prev
+            for k in range(k_steps):
+                self.check_stop("ref_score", step, k)
+                mbs = self.micro_batches("ref_pool")
+                valid = torch.stack([mb.valid.flatten() for mb in mbs])
+                if twins.reference_ready:
+                    with timer("ref_score"):
+                        lu = [self.per_token_loss(twins.proxy, mb, grad=False) for mb in mbs]
+                        mask, _ = selection.select_by_score(self.scores(mbs, lu), valid, sel.gamma)
+                else:
+                    mask = valid  # first sync: no previous reference, all ones
+                pool.append(mbs)
+                masks.append(mask)
+        with timer("sync"):
+            engines.sync_reference(twins.proxy, twins.reference)
+        # the proxy's scheduled LR, constant over the phase; past the proxy's warm-up, which a fresh
+        # optimizer does not share (a sync at step 0 would otherwise train w at lr / warmup_steps)
+        lr = engines.lr_at(self.cfg, max(step, self.cfg.optim.warmup_steps))
+        engines.set_lr(twins.reference, lr)
+        twins.reference.train()
+        ref_loss = float("nan")
+        for k in range(k_steps):
+            self.check_stop("ref_step", step, k)
+            t_step = time.perf_counter()
+            targets = self.micro_batches("ref_target")
+            with timer("ref_train"):
+                ref_loss = self.reference_step(targets, None if rho1 else pool[k], None if rho1 else masks[k])
+            self.stop.note(step_s=time.perf_counter() - t_step)
+        twins.reference.eval()
+        twins.reference_ready = True
+        self.log.log({"kind": "ref", "step": step, "strategy": sel.strategy, "ref_steps": k_steps,
+                      "ref_lr": lr, "ref_final_loss": ref_loss, **timer.record(REF_PHASES),
+                      "ref_phase_time_s": time.perf_counter() - t0})
+
+    def reference_step(self, targets: list[MicroBatch], pool: list[MicroBatch] | None,
+                       masks: torch.Tensor | None) -> float:
+        """One reference optimizer step; val and pool sequences go through one forward together."""
+        lam, reference = self.sel.lam, self.twins.reference
+        n_val = sum(float(mb.valid.sum()) for mb in targets)
+        n_pool = float(masks.sum()) if pool is not None else 0.0
+        n_val, n_pool = all_reduce_sum([n_val, n_pool])
+        logged = 0.0
+        for m, mb in enumerate(targets):
+            w = mb.valid.float() / max(n_val, 1.0)
+            inputs, tgts = mb.inputs, mb.targets
+            if pool is not None and n_pool > 0:
+                inputs = torch.cat([inputs, pool[m].inputs])
+                tgts = torch.cat([tgts, pool[m].targets])
+                w = torch.cat([w, lam * masks[m].view_as(pool[m].targets).float() / n_pool])
+            lw = reference(inputs, tgts)
+            loss, = selection.masked_mean_loss_scale([lw], [w], 1.0, self.world.world_size)
+            reference.backward(loss, scale_wrt_gas=False)
+            reference.step()
+            logged += float((lw.detach() * w).sum())
+        return all_reduce_sum([logged])[0]
+
+
+def _float(x) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if torch.is_tensor(x) else x)
