@@ -1,7 +1,7 @@
 """Checkpoints, resume, preemption, the non-finite guard and export (docs/checkpointing.md).
 
 The end-to-end tests launch `python -m blade train` as 2 gloo ranks (ZeRO-3, dropout 0.1) and break
-them with the test-only fault hook (blade/faults.py: SIGKILL / signals / NaN at exact points). A
+them with the test-only fault hook (blade/runtime/faults.py: SIGKILL / signals / NaN at exact points). A
 resumed run must reproduce the uninterrupted run exactly: every metrics record (losses, selected
 counts, reference-phase and evaluation losses, diagnostics) and the final proxy and reference
 weights and optimizer states, bit for bit.
@@ -153,6 +153,38 @@ def test_crash_and_resume_is_bit_exact(builtin_data, tmp_path, straight, strateg
     assert_same_run(base, run_dir)
     steps = [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"]
     assert steps == list(range(STEPS))  # appended without duplicates
+
+
+def to_format_1(ckpt):
+    """Rewrite a checkpoint's own files in the first format's flat layout (blade-checkpoint-1)."""
+    file = os.path.join(ckpt, "state.json")
+    state = json.load(open(file))
+    c = state.pop("components")
+    state.update(format="blade-checkpoint-1", counters=c["counters"], streams=c["streams"],
+                 reference={"ready": c["reference"]["ready"], "last_sync_step": None},
+                 diagnostics_run_total=c["diagnostics"]["run_total"], eval_pending=c["loop"]["eval_pending"],
+                 wandb_id=c["metrics"]["wandb_id"], first_last=c["metrics"]["first_last"])
+    json.dump(state, open(file, "w"))
+    for rank_file in glob.glob(os.path.join(ckpt, "rank_*.pt")):
+        mine = torch.load(rank_file, weights_only=True)
+        c = mine.pop("components")
+        mine.update(diagnostics_window=c["diagnostics"]["window"],
+                    last_score_mean=c["diagnostics"]["last_score_mean"],
+                    bad_samples={name: d["bad_samples"] for name, d in c["data"].items()})
+        torch.save(mine, rank_file)
+
+
+def test_format_1_checkpoint_resumes_bit_exactly(builtin_data, tmp_path, straight):
+    """A checkpoint in the first format (flat keys) still resumes, exactly like the current one."""
+    base = straight("blade")
+    run_dir = str(tmp_path / "run")
+    codes = launch(builtin_data, run_dir, INTERVAL, faults_spec="kill@step_end:5#0")
+    assert codes[0] == -signal.SIGKILL, log_tail(run_dir)
+    to_format_1(os.path.join(checkpoint.root(run_dir), "step_000004"))
+    codes = launch(builtin_data, run_dir, INTERVAL, "checkpoint.resume=auto")
+    assert codes == [0, 0], log_tail(run_dir)
+    assert "step_000004 after 4 steps" in log_tail(run_dir)
+    assert_same_run(base, run_dir)
 
 
 @pytest.mark.slow  # four launches: 30-60 s on 2 busy cores

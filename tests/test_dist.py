@@ -53,7 +53,7 @@ def _blade_env(**extra):
 
 def test_every_launcher_gives_the_same_run(builtin_data, tmp_path):
     """A single process (micro 8) vs 2 ranks (micro 4) through torchrun, srun-style SLURM variables
-    and the deepspeed launcher: the same losses (to the fp32 round-off of test_trainer)."""
+    and the deepspeed launcher: the same losses (to the fp32 round-off of test_loop)."""
     common = ["selection.strategy=full", "train.steps=3", "train.eval_interval=0"]
     runs = {}
     one = str(tmp_path / "one")

@@ -1,4 +1,4 @@
-"""The experiment report (blade/experiment_report.py) on synthetic run directories: the arithmetic of
+"""The experiment report (blade/experiment/report.py) on synthetic run directories: the arithmetic of
 the selection shares, what `collect` reads, and the tables, verdict and plots of `write_report`."""
 import json
 import math

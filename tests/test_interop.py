@@ -500,7 +500,7 @@ def smol():
 
 
 def numpy_reference_losses(path: str, ids: list[int]) -> np.ndarray:
-    """Independent forward on the GGUF tensors as stored (data.md appendix): interleaved-pair RoPE
+    """Independent forward on the GGUF tensors as stored (docs/interop.md, "GGUF"): interleaved-pair RoPE
     on the permuted Q/K rows, fp64 activations, tied output. Returns the loss of ids[1:]."""
     from gguf.quants import dequantize
 
@@ -561,7 +561,7 @@ def test_smollm2_losses_match_numpy_reference(smol):
         got = model(x[:, :-1], x[:, 1:])[0].double().numpy()
     ref = numpy_reference_losses(SMOL, ids)
     assert np.abs(got - ref).max() < SMOL_LOSS_ATOL, np.abs(got - ref).max()
-    # the model's level on English prose (measured 3.0 nats; notes: 2-3.5), far below ln(49152) = 10.8
+    # the model's level on English prose (measured 3.0 nats), far below ln(49152) = 10.8
     assert 1.5 < got.mean() < 4.5, got.mean()
 
 

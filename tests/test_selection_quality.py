@@ -3,7 +3,7 @@ import pytest
 
 from tests.conftest import tiny_overrides
 from tests.dist_harness import run_distributed
-from tests.test_trainer import _fit
+from tests.test_loop import _fit
 
 QUALITY = ("model.dim=128", "model.ffn_hidden=352", "model.max_seq_len=64", "train.micro_batch_size=8",
            "train.steps=150", "optim.lr=2e-3", "selection.warmup_full_ce_steps=20", "selection.tau=40",

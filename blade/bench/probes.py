@@ -1,8 +1,8 @@
-"""What `blade bench` (blade/bench.py) reads from the machine and the processes: device sync, barrier
+"""What `blade bench` (blade/bench/run.py) reads from the machine and the processes: device sync, barrier
 and the reduction of one number over the ranks; the memory probe (CUDA allocator stats, or the process
 RSS with glibc's allocator set up for the CPU memory steps); the bytes of the tensors an engine holds;
 the counter of collective ops; the device peak and the data loader alone; the load average and the
-description of the machine and the code. What the report makes of them: blade/bench_report.py.
+description of the machine and the code. What the report makes of them: blade/bench/report.py.
 """
 from __future__ import annotations
 

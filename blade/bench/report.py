@@ -1,4 +1,4 @@
-"""The report of `blade bench` (blade/bench.py): what one rank measured for one strategy
+"""The report of `blade bench` (blade/bench/run.py): what one rank measured for one strategy
 (`StrategyRun`), the aggregation over ranks into per-strategy numbers, the issue's targets, and the
 outputs (bench.json, report.md, breakdown.png). Arithmetic on what the run measured; nothing here
 measures.
@@ -24,7 +24,7 @@ Definitions (all written into the report):
   (`--memory-steps`), with glibc told to serve every allocation over 64 KiB by mmap and to trim its
   heap, so that freed tensors leave the RSS (that mode makes every fresh activation page-fault: it
   doubled the 100M model's step time, so it never runs during the timed steps).
-* breakdown: mean seconds per step of each phase timed inside the step (blade/timing.py), `rank_wait`
+* breakdown: mean seconds per step of each phase timed inside the step (blade/runtime/timing.py), `rank_wait`
   = a barrier in front of the selection (the time this rank waits for slower ranks, which the first
   top-k all-reduce would absorb otherwise), `other` = the rest (count all-reduces, diagnostics, loss
   bookkeeping), plus the amortised reference phase and checkpoint. Means, so that the bars add up to the

@@ -6,7 +6,7 @@ measured in one launch (the same processes, the same machine state).
 What happens on every rank:
 
 1. the matmul peak of one rank's share of the device is measured (CPU; GPUs use the data-sheet
-   table in blade/flops.py), the data loader is timed alone;
+   table in blade/model/flops.py), the data loader is timed alone;
 2. one Trainer per strategy is built from the same config, seed and data (so the same initial
    weights and batches); the first reference phase (blade: the first sync; rho1: its one-time
    training) and one step run right after each build, and the memory the trainer keeps is taken;
@@ -18,11 +18,11 @@ What happens on every rank:
    counter of every collective op (torch dispatch of c10d ops, so nothing escapes it);
 5. one real checkpoint save per strategy is timed;
 6. CPU only: `--memory-steps` untimed steps per strategy measure the peak memory (the
-   definition: blade/bench_report.py).
+   definition: blade/bench/report.py).
 
 Rank 0 then aggregates the ranks' numbers and writes bench.json, report.md and breakdown.png; the
-definitions of every reported number are in blade/bench_report.py, the instruments (memory probe,
-collective counter, device peak, loader timing) in blade/bench_probes.py.
+definitions of every reported number are in blade/bench/report.py, the instruments (memory probe,
+collective counter, device peak, loader timing) in blade/bench/probes.py.
 """
 from __future__ import annotations
 

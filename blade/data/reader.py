@@ -1,4 +1,4 @@
-"""Deterministic, resumable reader of the shards written by `blade prepare` (see blade/prepare.py).
+"""Deterministic, resumable reader of the shards written by `blade prepare` (see blade/data/prepare.py).
 
 The training stream is infinite: global position p = 0, 1, 2, ... is sample `GlobalOrder.index(p)`,
 and a checkpoint only needs `position`, the number of positions consumed by all ranks together.

@@ -2,7 +2,7 @@
 
     blade experiment --out runs/experiment [--quick] [--ranks 2] [section.key=value ...]
 
-1. data:   the debian-docs recipe (blade/recipes/debian_docs.py), built once into --data
+1. data:   the debian-docs recipe (blade/data/recipes/debian_docs.py), built once into --data
 2. base:   pretrain a small model with full CE on the general corpus (configs/experiment/base.yaml)
 3. export: the base proxy as a Hugging Face directory, the continual runs' model.init_from
 4. continue from it on the noisy pool with each strategy (configs/experiment/continual.yaml): same

@@ -84,7 +84,7 @@ def set_threads(threads_per_rank: int = 0) -> int:
 
 
 def init_deepspeed_distributed(timeout: datetime.timedelta, backend: str = "auto") -> None:
-    """deepspeed.init_distributed with the CPU/gloo defaults that work (see notes/deepspeed_cpu.md)."""
+    """deepspeed.init_distributed with the CPU/gloo defaults that work (docs/deepspeed_cpu.md)."""
     import torch
 
     gpu = torch.cuda.is_available()

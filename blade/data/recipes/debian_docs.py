@@ -2,7 +2,7 @@
 
     build_debian_docs("data/debian-docs", cache="~/.cache/blade", size="default", seed=0)
 
-Fetches the packages by name (blade/recipes/fetch.py), extracts plain text (extract.py), normalises
+Fetches the packages by name (blade/data/recipes/fetch.py), extracts plain text (extract.py), normalises
 (NFC, line ends, blank lines), drops documents under 200 characters and exact duplicates, and writes
 four datasets with one SentencePiece tokenizer:
 

@@ -1,7 +1,7 @@
 """Synthetic corruptions of clean documents, with exact per-character labels of the corrupted spans.
 
 A noisy training pool mixes these into clean text so that a token-selection method can be scored by how
-often it picks noise (docs: /work/shared/notes/data.md, "Recipe for a data-prep tool", item 5(c)).
+often it picks noise (docs/design.md, "The selection-quality benchmark").
 Each corruption touches one place or 1-2 paragraphs (paragraphs are separated by "\\n\\n") and leaves
 every other character of the document byte-identical. Spans are character offsets into the new text.
 """

@@ -7,7 +7,7 @@ from blade.errors import BladeError
 from blade.inspect_run import inspect_run
 from tests.conftest import tiny_overrides
 from tests.dist_harness import run_distributed
-from tests.test_trainer import _fit
+from tests.test_loop import _fit
 
 
 def test_inspect_a_blade_run(tmp_path, builtin_data):
