@@ -206,7 +206,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
     if not main:
         return None
 
-    seq_len = first.train_ds.seq_len
+    seq_len = first.datasets["train"].seq_len
     peak = max(peak_start, peak_end)  # the higher of the two readings: the conservative MFU
     result = {"meta": {}, "order": order, "loader": loader, "max_rounds": _max_rounds(),
               "strategies": {}}
