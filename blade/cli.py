@@ -68,7 +68,8 @@ def cmd_train(args) -> None:
     cfg = load_config(path, overrides)
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        seq_len = _manifest_seq_len(cfg.data.train) or cfg.model.max_seq_len
+        have_data = os.path.isfile(os.path.join(cfg.data.train, "manifest.json"))
+        seq_len = check_paths(cfg)["train"]["seq_len"] if have_data else cfg.model.max_seq_len
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(describe_layout(cfg, world, seq_len))
         return
@@ -105,16 +106,6 @@ def run_on_ranks(cfg, body) -> None:
         traceback.print_exc()
         code = 1
     dist.shutdown(code)
-
-
-def _manifest_seq_len(path: str) -> int | None:
-    import json
-
-    try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            return int(json.load(f)["seq_len"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def cmd_bench(args) -> None:

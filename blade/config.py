@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -322,6 +323,18 @@ def validate(cfg: BladeConfig) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config error: model.n_heads ({m.n_heads}) must be divisible by "
                           f"model.n_kv_heads ({m.n_kv_heads})")
+    sel = cfg.selection
+    steps_key = {"blade": "k_ref_steps", "rho1": "rho1_ref_steps"}.get(sel.strategy)
+    if steps_key and getattr(sel, steps_key) == 0:
+        raise ConfigError(f"config error: selection.{steps_key} must be >= 1 for strategy {sel.strategy}: "
+                          "an untrained reference equals the proxy, every score is 0 and the tie-break "
+                          "alone would choose the tokens (for that, use selection.strategy=random)")
+    if (sel.strategy in STRATEGIES_WITH_REFERENCE and sel.ref_precision == "bf16"
+            and cfg.train.precision == "fp32" and cfg.deepspeed.zero_stage == 0):
+        raise ConfigError("config error: selection.ref_precision=bf16 with train.precision=fp32 needs "
+                          "deepspeed.zero_stage >= 1 (at stage 0 the two engines keep different master "
+                          "copies and the sync cannot copy one into the other); raise the stage or use "
+                          "ref_precision=same")
     if m.init_from is not None and not os.path.exists(m.init_from):
         raise ConfigError(f"config error: model.init_from: no checkpoint at '{m.init_from}' (give a "
                           "Hugging Face checkpoint directory or a .gguf file)")
@@ -331,15 +344,38 @@ def validate(cfg: BladeConfig) -> None:
                           f"(use auto, none or an existing checkpoint directory)")
 
 
-def check_paths(cfg: BladeConfig) -> None:
-    """Data directories must exist and hold manifest.json (target/val may be null)."""
+def check_paths(cfg: BladeConfig) -> dict[str, dict]:
+    """Data directories must exist and hold manifest.json (target/val may be null), and their sequences
+    must fit the model and each other. Returns {key: manifest} of the directories given."""
+    manifests = {}
     for key in ("train", "target", "val"):
         path = getattr(cfg.data, key)
         if path is None and key != "train":
             continue
-        if not os.path.isfile(os.path.join(path, "manifest.json")):
+        file = os.path.join(path, "manifest.json")
+        if not os.path.isfile(file):
             raise ConfigError(f"config error: data.{key}: no manifest.json in '{path}' "
                               f"(run `blade prepare` first, or fix the path)")
+        try:
+            with open(file) as f:
+                manifests[key] = json.load(f)
+            seq_len = int(manifests[key]["seq_len"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"config error: data.{key}: cannot read seq_len from {file} ({e!r}); "
+                              "re-run `blade prepare`") from None
+        if seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"config error: the data's seq_len {seq_len} (data.{key}) exceeds "
+                              f"model.max_seq_len {cfg.model.max_seq_len}; raise model.max_seq_len")
+    target = manifests.get("target")
+    if cfg.selection.strategy in STRATEGIES_WITH_REFERENCE:
+        if target is None:
+            raise ConfigError(f"config error: selection.strategy={cfg.selection.strategy} needs data.target "
+                              "(the target set the reference trains on)")
+        if target["seq_len"] != manifests["train"]["seq_len"]:
+            raise ConfigError(f"config error: data.target has seq_len {target['seq_len']} but data.train has "
+                              f"{manifests['train']['seq_len']}: the reference trains on both in one batch; "
+                              "prepare them with the same --seq-len")
+    return manifests
 
 
 # ----------------------------------------------------------------------------- public API

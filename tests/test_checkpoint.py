@@ -420,6 +420,41 @@ def test_export_errors_are_clear(exported_run, tmp_path):
         export.load_exported(out)
 
 
+# ----------------------------------------------------------------------------- untrusted files
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: loading it with weights_only=False would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_never_runs_code(exported_run, builtin_data, tmp_path):
+    """Every DeepSpeed file of the proxy replaced by a pickle that would run a shell command: resume
+    (same and another world size) and export refuse it in one line, and the command never runs."""
+    import shutil
+
+    marker = tmp_path / "ran"
+    evil = str(tmp_path / "evil" / "checkpoints" / "step_000003")
+    shutil.copytree(exported_run[0]["checkpoint"], evil)
+    for f in glob.glob(os.path.join(evil, "proxy", "*.pt")):
+        torch.save({"module": _RunsCode(marker)}, f)
+    fresh = str(tmp_path / "fresh")
+    attempt = tiny_overrides(builtin_data, fresh, "selection.strategy=random", f"checkpoint.resume={evil}")
+    same_world = run_distributed(_refusals, 2, deepspeed=True, args=([attempt],))[0][0]
+    resharded = run_distributed(_refusals, 1, deepspeed=True, args=([attempt],))[0][0]
+    with pytest.raises(BladeError) as exported:
+        export.export(evil, str(tmp_path / "out"))
+    for message in (same_world, resharded, str(exported.value)):
+        assert message and "refused" in message and "posix.system" in message, message
+        assert "\n" not in message
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------- resume refusals
 
 

@@ -205,7 +205,7 @@ def test_init_from_must_exist(tmp_path):
 def test_check_paths(tmp_path):
     for name in ("train", "val"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "manifest.json").write_text("{}")
+        (tmp_path / name / "manifest.json").write_text('{"seq_len": 32}')
     (tmp_path / "target").mkdir()
     cfg = load_config(None, [f"data.train={tmp_path}/train", f"data.val={tmp_path}/val",
                              f"data.target={tmp_path}/target"])
@@ -213,10 +213,54 @@ def test_check_paths(tmp_path):
                 "(run `blade prepare` first, or fix the path)"):
         check_paths(cfg)
     cfg.data.target = None
+    with raises("config error: selection.strategy=blade needs data.target"):
+        check_paths(cfg)
+    cfg.selection.strategy = "full"
     check_paths(cfg)
     cfg.data.train = "data/x"
     with raises("config error: data.train: no manifest.json in 'data/x' (run `blade prepare` first"):
         check_paths(cfg)
+
+
+def test_data_that_cannot_work_is_refused_up_front(tmp_path):
+    """Before any engine is built (and at --dry-run): sequences longer than the model, target and pool
+    sequences of different lengths (the reference trains on both in one batch), unreadable manifests."""
+    def data(name, text):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "manifest.json").write_text(text)
+        return f"data.{name}={tmp_path / name}"
+
+    base = [data("train", '{"seq_len": 64}'), data("val", '{"seq_len": 32}'), "model.max_seq_len=64"]
+    check_paths(load_config(None, base + [data("target", '{"seq_len": 64}')]))
+    with raises("config error: data.target has seq_len 32 but data.train has 64: the reference trains on "
+                "both in one batch; prepare them with the same --seq-len"):
+        check_paths(load_config(None, base + [data("target", '{"seq_len": 32}')]))
+    none = ["data.target=null", "selection.strategy=random"]
+    check_paths(load_config(None, base + none))  # no reference: no target needed
+    with raises("config error: the data's seq_len 64 (data.train) exceeds model.max_seq_len 32"):
+        check_paths(load_config(None, base + none + ["model.max_seq_len=32"]))
+    with raises("config error: data.val: cannot read seq_len from"):
+        check_paths(load_config(None, base + none + [data("val", "[1, 2")]))
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["selection.k_ref_steps=0"], "selection.k_ref_steps must be >= 1 for strategy blade"),
+    (["selection.strategy=rho1", "selection.rho1_ref_steps=0"], "selection.rho1_ref_steps must be >= 1"),
+    (["selection.ref_precision=bf16", "deepspeed.zero_stage=0"],
+     "selection.ref_precision=bf16 with train.precision=fp32 needs deepspeed.zero_stage >= 1"),
+])
+def test_combinations_that_would_fail_late_are_refused(overrides, msg):
+    with raises("config error: " + msg):
+        load_config(None, overrides)
+    from blade.cli import main
+
+    assert main(["train", "--dry-run", *overrides]) == 2  # the dry run refuses them too
+
+
+def test_combinations_that_work_are_accepted():
+    load_config(None, ["selection.strategy=random", "selection.k_ref_steps=0"])  # no reference
+    load_config(None, ["selection.ref_precision=bf16", "deepspeed.zero_stage=1"])
+    load_config(None, ["selection.ref_precision=bf16", "deepspeed.zero_stage=0", "train.precision=bf16"])
 
 
 def test_missing_config_file():

@@ -1,10 +1,10 @@
 """SelectionDiagnostics' per-source and per-label counts and means against a direct computation."""
 import torch
 
-from blade.runtime.dist import World
-from blade.train.diagnostics import SelectionDiagnostics
 from blade.model.transformer import IGNORE_INDEX
-from blade.train.step import MicroBatch
+from blade.runtime.dist import World
+from blade.train.batch import MicroBatch
+from blade.train.diagnostics import SelectionDiagnostics
 
 
 class _Cfg:

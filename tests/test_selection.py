@@ -135,7 +135,9 @@ def test_rounds_by_case():
     assert global_topk_mask(scores[:, 0], valid[:, 0], n)[1].rounds == 2
     assert global_topk_mask(scores[:, 0], valid[:, 0], n // 2)[1].rounds == 2  # distinct: no ties
     equal = torch.ones(2, 50)
-    assert global_topk_mask(equal, valid[:, 0], n // 2)[1].rounds == MAX_ROUNDS == 3
+    assert global_topk_mask(equal, valid[:, 0], n // 2)[1].rounds == 3  # ties handed out by position
+    tied = select_by_score(equal, valid[:, 0], 0.5, tie_seed=(1, 2))[1]
+    assert tied.rounds == 4 and MAX_ROUNDS == 5  # + 2 rounds on the tie keys; 5 if those tie too
 
 
 def test_trailing_dims_are_flattened():
@@ -323,3 +325,50 @@ def test_masked_mean_loss_scale_with_nothing_selected():
     (out,) = masked_mean_loss_scale(losses, torch.zeros(1, 6), 0.0, 2)
     out.backward()
     assert out.item() == 0.0 and torch.equal(losses[0].grad, torch.zeros(2, 3))
+
+
+# ----------------------------------------------------------------------------- random tie-break
+
+
+def tie_reference(scores, valid, gamma, seed, step):
+    """Single-process truth with tie keys: sort by score, then tie key (both descending), then position."""
+    from blade.train.selection import _generator_seed
+
+    gen = torch.Generator().manual_seed(_generator_seed(seed, step))
+    keys = torch.randint(0, 1 << 32, scores.shape, generator=gen).flatten()
+    idx = valid.flatten().nonzero().squeeze(1)
+    order = torch.sort(keys[idx], descending=True, stable=True).indices
+    order = order[torch.sort(scores.flatten()[idx][order].float(), descending=True, stable=True).indices]
+    mask = torch.zeros(valid.numel(), dtype=torch.bool)
+    mask[idx[order[:keep_count(gamma, len(idx))]]] = True
+    return mask.view(valid.shape)
+
+
+@pytest.mark.parametrize("kind", ["equal", "dups", "negzero", "random"])
+def test_tie_break_is_exact_and_not_by_position(kind):
+    scores, valid = make_case(kind, 1, 2, 300, seed=5)
+    mask, stats = select_by_score(scores[:, 0], valid[:, 0], 0.4, tie_seed=(3, 7))
+    assert torch.equal(mask, tie_reference(scores, valid, 0.4, 3, 7)[:, 0])
+    assert stats.n_selected == int(mask.sum()) == keep_count(0.4, int(valid.sum()))
+    if kind == "equal":  # all scores tied: not the first positions, and no drift towards them
+        first_k = global_topk_mask(scores[:, 0], valid[:, 0], stats.n_selected)[0]
+        assert not torch.equal(mask, first_k)
+        rate = sum(select_by_score(scores[:, 0], valid[:, 0], 0.4, tie_seed=(3, s))[0].float()
+                   for s in range(100)) / 100
+        half = valid.shape[-1] // 2
+        early, late = rate[..., :half][valid[:, 0, :half]].mean(), rate[..., half:][valid[:, 0, half:]].mean()
+        assert abs(float(early) - float(late)) < 0.05
+
+
+def _tie_on_ranks(rank, world, kind):
+    scores, valid = make_case(kind, world, 2, 40, seed=9)
+    return select_by_score(scores[:, rank], valid[:, rank], 0.5, tie_seed=(4, 11))[0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["equal", "dups"])
+def test_tie_break_is_the_same_on_one_and_two_ranks(kind):
+    scores, valid = make_case(kind, 2, 2, 40, seed=9)
+    one = select_by_score(scores.reshape(2, 80), valid.reshape(2, 80), 0.5, tie_seed=(4, 11))[0]
+    two = torch.stack([torch.tensor(m) for m in run_distributed(_tie_on_ranks, 2, args=(kind,))], dim=1)
+    assert torch.equal(one, two.reshape(2, 80))
+    assert torch.equal(two, tie_reference(scores, valid, 0.5, 4, 11))

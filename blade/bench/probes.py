@@ -318,7 +318,7 @@ def measure_peak(precision: str, device: str) -> tuple[float, str]:
 def measure_loader(trainer, min_seconds: float = 1.0, max_steps: int = 500) -> dict:
     """The training data path alone (read, decode, collate, to_micro_batch), all ranks at once."""
     from blade.data.reader import DataStream
-    from blade.train.step import to_micro_batch
+    from blade.train.batch import to_micro_batch
 
     cfg, w = trainer.cfg, trainer.world
     t = cfg.train

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -233,30 +234,41 @@ def supersede_later(ckpt_root: str, completed: int) -> list[str]:
 
 
 def check_files(path: str, engines: dict, rank: int) -> str | None:
-    """What this rank needs and lacks (None if all present): checked on every rank before any
-    collective load, so that a damaged checkpoint fails everywhere instead of hanging."""
+    """What is wrong with the files this rank will read (None if nothing): a missing file, or a
+    DeepSpeed file that holds more than tensors. Checked on every rank before any collective load,
+    so that a damaged or poisoned checkpoint fails everywhere instead of hanging."""
     need = [os.path.join(path, f"rank_{rank:05d}.pt")] + [os.path.join(path, name) for name in engines]
     for file in need:
         if not os.path.exists(file):
-            return file
+            return f"{file} is missing"
     for name in engines:
-        files = os.listdir(os.path.join(path, name))
-        if not any(f"rank_{rank}_" in f for f in files) and not any(f.startswith("mp_rank") for f in files):
-            return os.path.join(path, name, f"*rank_{rank}_*")
+        folder = os.path.join(path, name)
+        mine = [f for f in os.listdir(folder) if f"rank_{rank}_" in f or f.startswith("mp_rank")]
+        if not mine:
+            return f"{os.path.join(folder, f'*rank_{rank}_*')} is missing"
+        for f in sorted(f for f in mine if f.endswith(".pt")):
+            refused = refused_global(os.path.join(folder, f))
+            if refused:
+                return (f"{os.path.join(folder, f)} holds {refused} (only tensors and DeepSpeed's bookkeeping "
+                        "classes are loaded; a checkpoint is data and may not run code)")
     return None
 
 
 def load(path: str, engines: dict, rank: int) -> dict:
     """Load every engine and return this rank's state (after the caller checked compatibility)."""
-    missing = check_files(path, engines, rank)
-    bad = all_reduce(torch.tensor([float(missing is not None)]))
+    problem = check_files(path, engines, rank)
+    bad = all_reduce(torch.tensor([float(problem is not None)]))
     if bad.item():
-        where = f": {missing} is missing" if missing else " on another rank"
+        if problem and "holds" in problem:
+            raise CheckpointError(f"refused checkpoint {path}: {problem}")
+        where = f": {problem}" if problem else " on another rank"
         raise CheckpointError(f"checkpoint {path} is damaged{where}; use an earlier checkpoint")
     for name, engine in engines.items():
         try:
             loaded, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
                                                load_lr_scheduler_states=engine.lr_scheduler is not None)
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - unpickling and DeepSpeed raise many kinds on bad files
             raise CheckpointError(f"cannot load the {name} engine from {path} "
                                   f"({type(e).__name__}: {str(e)[:200]})") from None
@@ -270,17 +282,68 @@ def load(path: str, engines: dict, rank: int) -> dict:
         raise CheckpointError(f"cannot read {file} ({type(e).__name__}): the checkpoint is damaged") from None
 
 
-def load_deepspeed_file(file: str) -> dict:
-    """A DeepSpeed checkpoint file, unpickling tensors and DeepSpeed's two bookkeeping classes only."""
+def load_deepspeed_file(file: str, map_location="cpu") -> dict:
+    """A DeepSpeed checkpoint file, unpickling tensors and DeepSpeed's two bookkeeping classes only
+    (torch.load with weights_only=True): a file that holds anything else is refused, never run."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     try:
         with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-            return torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+            return torch.load(file, weights_only=True, map_location=map_location)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise CheckpointError(f"refused {file}: it holds more than tensors "
+                              f"({'the global ' + what.group(1) if what else 'an object torch refuses'}); "
+                              "a checkpoint is data and may not run code: use one that blade wrote") from None
+    except Exception as e:  # noqa: BLE001 - any other unpickling failure means a damaged file
         raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}): the checkpoint "
                               "is damaged") from None
+
+
+_DEEPSPEED_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.runtime.fp16.loss_scaler.LossScaler")
+
+
+def refused_global(file: str) -> str | None:
+    """What in a torch file's pickle stream load_deepspeed_file would refuse (a global outside torch's
+    weights_only allow-list and DeepSpeed's two classes), read without loading any tensor: a cheap
+    check that every rank runs before a collective load, so that one poisoned file stops all ranks
+    together instead of leaving the others waiting in a collective. None when nothing is refused."""
+    import pickletools
+    import zipfile
+
+    from torch import _weights_only_unpickler as unpickler
+
+    allowed = set(unpickler._get_allowed_globals()) | set(_DEEPSPEED_GLOBALS)
+    try:
+        with zipfile.ZipFile(file) as z:
+            stream = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name == "GLOBAL" and arg.replace(" ", ".") not in allowed:
+                return "the global " + arg.replace(" ", ".")
+            if op.name in ("STACK_GLOBAL", "INST", "OBJ"):  # torch.save writes protocol 2: GLOBAL only
+                return f"a {op.name} opcode"
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError) as e:
+        return f"an unreadable pickle ({type(e).__name__})"
+    return None
+
+
+class SafeLoads:
+    """An engine's DeepSpeed checkpoint engine, with every load going through load_deepspeed_file.
+
+    DeepSpeed's own torch checkpoint engine unpickles with weights_only=False, so a checkpoint
+    directory from elsewhere could run code on every rank at resume; `engine.checkpoint_engine =
+    SafeLoads(engine.checkpoint_engine)` (engines.build_engine does it) closes that door."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return load_deepspeed_file(path, map_location if map_location is not None else "cpu")
 
 
 # ----------------------------------------------------------------------------- compatibility

@@ -11,9 +11,11 @@ comma-separated list of `ACTION@POINT[#RANK]`:
     sigterm@eval_batch:3:1         ... SIGTERM before evaluation batch 1 after step 3 (every rank)
     nan_loss@train_step:4#0        rank 0's proxy losses of step 4 become NaN
     nan_grad@train_step:7          finite losses, NaN gradients (every rank)
+    nan_ref_loss@train_step:4      the reference's losses of step 4 become NaN
+    nan_ref_loss@ref_phase:3       ... of the whole reference phase before step 3 (pool scores, steps)
     sleep@train_step:3#0           rank 0 pauses 3 s (time for a test to signal a rank from outside)
 
-Points: step_end:S, train_step:S, ref_step:S:K, eval_batch:S:B, save:C:{begin, after_proxy,
+Points: step_end:S, train_step:S, ref_phase:S, ref_step:S:K, eval_batch:S:B, save:C:{begin, after_proxy,
 after_reference, before_barrier, before_complete, before_latest}.
 """
 from __future__ import annotations
@@ -67,12 +69,15 @@ def point(*name) -> set[str]:
 
 
 @contextlib.contextmanager
-def poisoned(module, actions: set[str]):
-    """Inside the block every forward of `module` returns NaN losses (nan_loss) or finite losses
-    whose backward sends NaN gradients (nan_grad): the step itself carries no fault code."""
-    poisons = {"nan_loss": lambda mod, args, out: out * float("nan"),
-               "nan_grad": lambda mod, args, out: nan_grad(out)}
-    hooks = [module.register_forward_hook(poisons[a]) for a in sorted(actions) if a in poisons]
+def poisoned(modules: dict, actions: set[str]):
+    """Inside the block every forward of modules["proxy"] returns NaN losses (nan_loss) or finite
+    losses whose backward sends NaN gradients (nan_grad), and every forward of modules["reference"]
+    NaN losses (nan_ref_loss): the step itself carries no fault code."""
+    poisons = {"nan_loss": ("proxy", lambda mod, args, out: out * float("nan")),
+               "nan_grad": ("proxy", lambda mod, args, out: nan_grad(out)),
+               "nan_ref_loss": ("reference", lambda mod, args, out: out * float("nan"))}
+    hooks = [modules[poisons[a][0]].register_forward_hook(poisons[a][1]) for a in sorted(actions)
+             if a in poisons and modules.get(poisons[a][0]) is not None]
     try:
         yield
     finally:

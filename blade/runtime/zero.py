@@ -8,6 +8,7 @@ DeepSpeed facts behind them are in docs/deepspeed_cpu.md.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -19,6 +20,19 @@ _MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_group
 
 def zero_stage(engine) -> int:
     return engine.zero_optimization_stage()
+
+
+def reports_grad_norm(engine) -> bool:
+    """Whether engine.get_global_grad_norm() answers after a step: not at stage 0 in fp32, where
+    DeepSpeed clips without keeping the norm."""
+    return zero_stage(engine) > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def grad_norm(engine) -> float:
+    """The global L2 norm of the gradients below stage 1, where every rank holds the whole averaged
+    gradient after the accumulation boundary's backward (float64)."""
+    total = sum(float(p.grad.double().pow(2).sum()) for p in engine.module.parameters() if p.grad is not None)
+    return math.sqrt(total)
 
 
 def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ import torch
 
 from blade.config import BladeConfig, deep_merge
 from blade.model.transformer import Transformer
-from blade.runtime import zero
+from blade.runtime import checkpoint, zero
 from blade.runtime.dist import all_reduce, rank_and_world
 from blade.train.schedule import uses_reference
 
@@ -115,17 +115,20 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=deepspeed_config(cfg, world_size, bf16, offload_params), lr_scheduler=scheduler)
+    engine.checkpoint_engine = checkpoint.SafeLoads(engine.checkpoint_engine)  # loads never run code
     return engine
 
 
-def per_token_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
+def per_token_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, grad: bool,
+                   train_mode: bool = False) -> torch.Tensor:
     """Per-token CE [B, T] of `engine`. Without grad (scoring, evaluation) the forward runs in eval
-    mode (no dropout), the engine's mode is restored after and the parameters the no-grad ZeRO-3
-    forward left gathered are released."""
+    mode (no dropout) unless `train_mode` (the proxy scoring the batch it trains on), the engine's
+    mode is restored after, and the parameters the no-grad ZeRO-3 forward left gathered are
+    released."""
     if grad:
         return engine(inputs, targets)
     was_training = engine.module.training
-    engine.eval()
+    engine.train(train_mode)
     with torch.no_grad():
         loss = engine(inputs, targets)
     engine.train(was_training)

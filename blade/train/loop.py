@@ -17,17 +17,17 @@ from __future__ import annotations
 import os
 import sys
 
-from blade.config import BladeConfig, config_to_dict, dump_config
+from blade.config import BladeConfig, check_paths, config_to_dict, dump_config
 from blade.data.reader import DataStream, ShardDataset, eval_batches
-from blade.errors import ConfigError
 from blade.runtime import checkpoint, faults
 from blade.runtime.dist import World, all_reduce_sum
 from blade.runtime.metrics import MetricsLogger
 from blade.runtime.preempt import Preempted, StopRequest
 from blade.runtime.timing import PhaseTimer
 from blade.train import engines, schedule, state
+from blade.train.batch import to_micro_batch
 from blade.train.diagnostics import SelectionDiagnostics
-from blade.train.step import BladeStep, Counters, NonFiniteAbort, to_micro_batch
+from blade.train.step import BladeStep, Counters, NonFiniteAbort
 
 
 class _StopNow(Exception):
@@ -38,16 +38,11 @@ class Trainer:
     def __init__(self, cfg: BladeConfig, world: World):
         self.cfg, self.world = cfg, world
         t, sel = cfg.train, cfg.selection
+        check_paths(cfg)  # the data exists and fits the model and the strategy: refused before any engine
         self.datasets = {name: ShardDataset(path, cfg.model.vocab_size, cfg.data.on_bad_shard)
                          for name, path in (("train", cfg.data.train), ("target", cfg.data.target),
                                             ("val", cfg.data.val)) if path}
-        if self.datasets["train"].seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"config error: the data's seq_len {self.datasets['train'].seq_len} exceeds "
-                              f"model.max_seq_len {cfg.model.max_seq_len}; raise model.max_seq_len")
         uses_reference = schedule.uses_reference(sel.strategy)
-        if uses_reference and "target" not in self.datasets:
-            raise ConfigError(f"config error: selection.strategy={sel.strategy} needs data.target "
-                              "(the target set the reference trains on)")
         if cfg.model.init_from:  # the data must be tokenized for the pretrained model's vocabulary
             from blade.interop.pretrained import check_data_compat
 
@@ -147,10 +142,12 @@ class Trainer:
 
     def run_step(self, step: int) -> None:
         cfg, twins = self.cfg, self.engines
+        modules = {"proxy": twins.proxy.module, "reference": twins.reference and twins.reference.module}
         if schedule.reference_phase_before(cfg.selection, step):
             self.save_checkpoint(step)  # co-scheduled with the sync: the state before w <- u
-            self.stepper.reference_phase(step)
-        with faults.poisoned(twins.proxy.module, faults.point("train_step", step)):  # tests only
+            with faults.poisoned(modules, faults.point("ref_phase", step)):  # tests only
+                self.stepper.reference_phase(step)
+        with faults.poisoned(modules, faults.point("train_step", step)):  # tests only
             record = self.stepper.train_step(step)
         if record["kind"] == "train":
             if twins.reference_ready and self.diagnostics.due(step, cfg):

@@ -4,14 +4,18 @@ Every rank holds M micro-batches of N local token scores. The block is the whole
 the GLOBAL order: micro-batch major, then rank, then local index, i.e. global position
 `(m * world + rank) * N + i`. `global_topk_mask` keeps exactly the k tokens that
 `torch.sort(concat, descending=True, stable=True)` of the valid scores concatenated in that order
-would keep (largest first, ties to the lower position), exchanging only small tensors:
+would keep (largest first, ties to the lower position; or, with a tie seed, ties to the larger random
+key and then the lower position), exchanging only small tensors:
 
 1. one all-reduce: n_valid, the number of non-finite scores and a 65536-bin histogram of the high
    16 bits of an order-preserving uint32 key of each float32 score (a radix select, 16 bits a round);
 2. one all-reduce of the histogram of the low 16 bits of the keys in the chosen high bin: this
    finds the k-th largest key exactly;
-3. at most one all-reduce of the [M * world] counts of keys equal to that threshold, which tells
-   each (micro-batch, rank) how many of its ties to keep.
+3. only when the threshold is tied and not all ties fit: with a tie seed (select_by_score in training),
+   the same two-digit select among the tied tokens on a random 32-bit key per global position (two
+   all-reduces), so that equal scores are not chosen by position; then, for what is still tied (or
+   without a tie seed), one all-reduce of the [M * world] counts of keys equal to the threshold,
+   which tells each (micro-batch, rank) how many of its ties to keep, in global order.
 
 Hence at most MAX_ROUNDS collectives per call, whatever the batch size and the world size. The
 rounds, not the bytes, are what costs (an all-reduce is latency-bound below about a megabyte: on
@@ -30,7 +34,7 @@ import torch.distributed as dist
 
 from blade.runtime.dist import all_reduce, rank_and_world
 
-MAX_ROUNDS = 3  # 1 (counts + high digit) + 1 (low digit) + 1 (ties)
+MAX_ROUNDS = 5  # 1 (counts + high digit) + 1 (low digit) [+ 2 (tie keys' digits)] + 1 (ties by position)
 _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 
@@ -78,9 +82,26 @@ def _pick_bin(hist: torch.Tensor, rest: int) -> tuple[int, int, int]:
     return b, rest - (int(at_or_above[i]) - count), count
 
 
+def _select_key(key: torch.Tensor, cand: torch.Tensor, rest: int, group,
+                high_hist: torch.Tensor | None = None) -> tuple[int, int, int, int]:
+    """The rest-th largest 32-bit `key` among the candidates of all ranks, by two 16-bit digits:
+    (that key, how many of its ties to keep, its global tie count, all-reduces used). The high
+    digit's histogram may come in already reduced (the first round carries it with the counts)."""
+    high, rounds = key >> _DIGIT_BITS, 0
+    if high_hist is None:
+        high_hist = all_reduce(torch.bincount(high[cand], minlength=_BINS), group=group)
+        rounds += 1
+    b, rest, _ = _pick_bin(high_hist, rest)
+    low = key[cand & (high == b)] & (_BINS - 1)  # the candidates' keys in the chosen high bin
+    c, rest, n_tied = _pick_bin(all_reduce(torch.bincount(low, minlength=_BINS), group=group), rest)
+    return (b << _DIGIT_BITS) | c, rest, n_tied, rounds + 1
+
+
 def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int], int],
-                 group) -> tuple[torch.Tensor, TopkStats]:
-    """The top-k with k = k_of(n_valid), n_valid known only after the first all-reduce."""
+                 group, tie_keys: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, TopkStats]:
+    """The top-k with k = k_of(n_valid), n_valid known only after the first all-reduce. Ties at the
+    threshold go to the larger `tie_keys()` (uint32 values in int64, [M, N]) when given, then (and
+    otherwise) to the lower global position."""
     if scores.dim() < 2 or scores.shape != valid.shape:
         raise ValueError(f"selection: scores {tuple(scores.shape)} and valid "
                          f"{tuple(valid.shape)} must both be [M, N, ...]")
@@ -98,7 +119,7 @@ def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int]
     rounds = 1
     if n_bad:
         raise ValueError(f"selection: {n_bad} non-finite scores (NaN/Inf) in the global batch; "
-                         "check the losses (bf16 overflow?) or enable the NaN guard")
+                         "the step's non-finite guard should have skipped this batch: check the losses")
     k = k_of(n_valid)
     if k < 0:
         raise ValueError(f"selection: k must be >= 0, got {k}")
@@ -116,14 +137,16 @@ def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int]
         rounds += 1
         return valid.reshape(shape).clone(), stats(valid, low.item())
 
-    b, rest, _ = _pick_bin(counts[2:], n_selected)
-    low_digit = key.flatten()[high == b] & (_BINS - 1)  # the keys in the chosen high bin
-    hist = all_reduce(torch.bincount(low_digit, minlength=_BINS), group=group)  # round 2: the low digit
-    rounds += 1
-    c, rest, n_tied = _pick_bin(hist, rest)  # n_tied: global count of keys equal to the threshold
-    prefix = (b << _DIGIT_BITS) | c          # the k-th largest key; `rest` of its ties are kept
-
+    prefix, rest, n_tied, used = _select_key(key, valid, n_selected, group, high_hist=counts[2:])
+    rounds += used                           # prefix: the k-th largest key; `rest` of its ties are kept
+    threshold = _key_to_float(prefix)
     mask, tied = key > prefix, key == prefix
+    if rest < n_tied and tie_keys is not None:  # the same radix select among the ties, on their keys
+        tk = tie_keys().reshape(shape[0], -1).to(device)
+        tie_prefix, rest, n_tied, used = _select_key(tk, tied, rest, group)
+        rounds += used
+        mask |= tied & (tk > tie_prefix)
+        tied &= tk == tie_prefix
     if rest == n_tied:
         mask |= tied
     else:  # hand the `rest` kept ties out in global order: (micro-batch, rank), then local index
@@ -134,7 +157,7 @@ def _global_topk(scores: torch.Tensor, valid: torch.Tensor, k_of: Callable[[int]
         before = per_block.cumsum(0) - per_block
         quota = (rest - before).clamp(min=0).minimum(per_block).view(shape[0], world)[:, rank]
         mask |= tied & (tied.cumsum(1) <= quota[:, None])
-    return mask.reshape(shape), stats(mask, _key_to_float(prefix))
+    return mask.reshape(shape), stats(mask, threshold)
 
 
 def global_topk_mask(scores: torch.Tensor, valid: torch.Tensor, k: int,
@@ -163,26 +186,39 @@ def _generator_seed(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step) % (1 << 63)
 
 
+def _global_draw(draw, valid: torch.Tensor, seed: int, step: int, group) -> torch.Tensor:
+    """This rank's slice of one draw over the whole global batch, seeded by (seed, step): the value
+    at a global position does not depend on the world size. Cost: M * world * N numbers per rank."""
+    rank, world = rank_and_world(group)
+    m, n = valid.shape[0], valid[0].numel()
+    gen = torch.Generator().manual_seed(_generator_seed(seed, step))
+    return draw((m, world, n), gen)[:, rank].reshape(valid.shape).to(valid.device)
+
+
 def select_random(valid: torch.Tensor, gamma: float, seed: int, step: int,
                   group=None) -> tuple[torch.Tensor, TopkStats]:
     """A uniformly random ceil(gamma * n_valid) of the valid tokens (the `random` baseline).
 
-    Token keys depend only on (seed, step, global position): every rank draws the keys of the
-    whole global batch and keeps its slice, so the selection does not depend on the world size.
-    Cost: one draw of M * world * N floats per rank. (float32 keys may tie, rarely; ties go to
-    the lower position, a negligible bias.)
+    Token keys depend only on (seed, step, global position), so the selection does not depend on
+    the world size. (float32 keys may tie, rarely; ties go to the lower position, a negligible bias.)
     """
-    rank, world = rank_and_world(group)
-    m, n = valid.shape[0], valid[0].numel()
-    gen = torch.Generator().manual_seed(_generator_seed(seed, step))
-    keys = torch.rand(m, world, n, generator=gen)[:, rank].reshape(valid.shape)
-    return _global_topk(keys.to(valid.device), valid, lambda nv: keep_count(gamma, nv), group)
+    keys = _global_draw(lambda shape, gen: torch.rand(shape, generator=gen), valid, seed, step, group)
+    return _global_topk(keys, valid, lambda nv: keep_count(gamma, nv), group)
 
 
-def select_by_score(scores: torch.Tensor, valid: torch.Tensor, gamma: float,
-                    group=None) -> tuple[torch.Tensor, TopkStats]:
-    """The top ceil(gamma * n_valid) scores of the global batch (`rho1` and `blade`)."""
-    return _global_topk(scores, valid, lambda nv: keep_count(gamma, nv), group)
+def select_by_score(scores: torch.Tensor, valid: torch.Tensor, gamma: float, group=None,
+                    tie_seed: tuple[int, int] | None = None) -> tuple[torch.Tensor, TopkStats]:
+    """The top ceil(gamma * n_valid) scores of the global batch (`rho1` and `blade`).
+
+    With tie_seed = (seed, step), tokens tied at the threshold (equal scores: right after a sync,
+    quantised losses) are chosen by a random key per global position drawn from (seed, step), not
+    by position; the choice stays exact, reproducible and independent of the world size."""
+    tie_keys = None
+    if tie_seed is not None:
+        def tie_keys():
+            return _global_draw(lambda shape, gen: torch.randint(0, 1 << 32, shape, generator=gen),
+                                valid, *tie_seed, group)
+    return _global_topk(scores, valid, lambda nv: keep_count(gamma, nv), group, tie_keys)
 
 
 def frank_wolfe_weights(mask: torch.Tensor, valid: torch.Tensor, gamma: float,

@@ -20,30 +20,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from blade.errors import BladeError
-from blade.model.transformer import IGNORE_INDEX
+from blade.runtime import zero
 from blade.runtime.dist import all_reduce_sum
 from blade.runtime.timing import REF_PHASES, STEP_PHASES
 from blade.train import engines, schedule, selection
-
-
-@dataclass
-class MicroBatch:
-    inputs: torch.Tensor    # [B, T] token ids
-    targets: torch.Tensor   # [B, T] next-token ids, IGNORE_INDEX where not trained on
-    sources: torch.Tensor   # [B, T] source id of each target
-    labels: torch.Tensor    # [B, T] noise label of each target (0 = none)
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.targets != IGNORE_INDEX
-
-
-def to_micro_batch(batch: dict, device: str) -> MicroBatch:
-    tokens = batch["tokens"].to(device)
-    targets = tokens[:, 1:].clone()
-    targets[~batch["valid"].to(device)] = IGNORE_INDEX  # a skipped (corrupt) sample trains nothing
-    return MicroBatch(tokens[:, :-1], targets, batch["sources"][:, 1:].to(device),
-                      batch["labels"][:, 1:].to(device))
+from blade.train.batch import MicroBatch, to_micro_batch
 
 
 @dataclass
@@ -53,6 +34,7 @@ class Counters:
     tokens_trained: int = 0
     nonfinite_skipped: int = 0   # steps skipped for non-finite losses or gradients
     nonfinite_streak: int = 0    # ... of them in a row, up to now
+    ref_nonfinite_skipped: int = 0  # reference steps and pool batches skipped for non-finite losses
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -83,8 +65,8 @@ class BladeStep:
     def micro_batches(self, stream: str) -> list[MicroBatch]:
         return [to_micro_batch(b, self.world.device) for b in self.streams[stream].next_step()]
 
-    def per_token_loss(self, engine, mb: MicroBatch, grad: bool) -> torch.Tensor:
-        return engines.per_token_loss(engine, mb.inputs, mb.targets, grad)
+    def per_token_loss(self, engine, mb: MicroBatch, grad: bool, train_mode: bool = False) -> torch.Tensor:
+        return engines.per_token_loss(engine, mb.inputs, mb.targets, grad, train_mode)
 
     def scores(self, mbs: list[MicroBatch], proxy_losses: list[torch.Tensor],
                ref: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -109,11 +91,15 @@ class BladeStep:
             with timer("reference_forward"):
                 ref_losses = [self.per_token_loss(self.twins.reference, mb, grad=False) for mb in mbs]
         with timer("proxy_forward"):
-            losses = [self.per_token_loss(proxy, mb, grad=keep_graph) for mb in mbs]
-        bad = sum(float((~torch.isfinite(lu.detach()) & mb.valid).sum()) for lu, mb in zip(losses, mbs))
-        n_bad, n_valid = all_reduce_sum([bad, float(valid.sum())])
-        if n_bad:  # the same decision on every rank, before any backward: no update anywhere
-            return self.skip_step(step, int(n_valid), t0, f"{int(n_bad)} non-finite token losses")
+            # the proxy scores its batch as it trains on it (train mode: dropout as in the update),
+            # whether that forward is reused for training (no accumulation) or not
+            losses = [self.per_token_loss(proxy, mb, grad=keep_graph, train_mode=True) for mb in mbs]
+        bad_ref = _non_finite(ref_losses, mbs) if ref_losses is not None else 0.0
+        n_bad, n_bad_ref, n_valid = all_reduce_sum([_non_finite(losses, mbs), bad_ref, float(valid.sum())])
+        if n_bad or n_bad_ref:  # the same decision on every rank, before any backward: no update anywhere
+            which = f"{int(n_bad)} non-finite token losses" if n_bad else \
+                f"{int(n_bad_ref)} non-finite reference token losses"
+            return self.skip_step(step, int(n_valid), t0, which)
 
         # the Frank-Wolfe oracle: the exact top-k of the global batch (or the baselines' choice)
         stats, score = None, None
@@ -126,7 +112,8 @@ class BladeStep:
             with timer("reference_forward"):
                 score = self.scores(mbs, losses, ref_losses)
             with timer("selection"):
-                mask, stats = selection.select_by_score(score, valid, sel.gamma)
+                mask, stats = selection.select_by_score(score, valid, sel.gamma,
+                                                        tie_seed=(cfg.train.seed, step))
         if selecting or sel.strategy == "full":  # warm-up steps would blur the rates
             proxy_loss = torch.stack([lu.detach().float().flatten() for lu in losses])
             self.diagnostics.observe(step, mask, mbs, cfg, proxy_loss, score)
@@ -135,6 +122,7 @@ class BladeStep:
         # the proxy update on sum(weights * l_u) / sum(weights) over the global batch
         total_weight, n_selected = all_reduce_sum([float(weights.sum()), float(mask.sum())])
         local = [0.0, 0.0]  # sum(w * l), sum(l) over valid tokens: the logged losses
+        grad_norm = None
         for m, mb in enumerate(mbs):
             with timer("proxy_forward"):
                 lu = losses[m] if keep_graph else self.per_token_loss(proxy, mb, grad=True)
@@ -142,12 +130,18 @@ class BladeStep:
             loss, = selection.masked_mean_loss_scale([lu], [w], total_weight, self.world.world_size)
             with timer("backward"):
                 proxy.backward(loss, scale_wrt_gas=False)
+            if m == len(mbs) - 1 and not zero.reports_grad_norm(proxy):  # ZeRO-0 fp32: DeepSpeed says none
+                grad_norm = zero.grad_norm(proxy)
+                if not math.isfinite(grad_norm):  # it would apply it: stop before it does
+                    raise NonFiniteAbort(f"step {step}: non-finite gradient norm; ZeRO stage 0 in fp32 cannot "
+                                         "skip a step, so the run stops before applying it: resume from the "
+                                         "newest checkpoint with a lower optim.lr, or use ZeRO >= 1 or bf16")
             with timer("optimizer_step"):
                 proxy.step()
             local[0] += float((lu.detach() * w).sum())
             local[1] += float((lu.detach() * mb.valid).sum())
         trained_loss, all_loss = all_reduce_sum(local)
-        grad_norm = proxy.get_global_grad_norm()
+        grad_norm = proxy.get_global_grad_norm() if grad_norm is None else grad_norm
         if getattr(proxy.optimizer, "overflow", False):  # DeepSpeed skipped it: non-finite grad norm
             return self.skip_step(step, int(n_valid), t0, "non-finite gradient norm")
         if grad_norm is not None and not math.isfinite(_float(grad_norm)):
@@ -204,16 +198,8 @@ class BladeStep:
         if not rho1:  # masks come from the selection rule against the outgoing reference w_prev
             for k in range(k_steps):
                 self.check_stop("ref_score", step, k)
-                mbs = self.micro_batches("ref_pool")
-                valid = torch.stack([mb.valid.flatten() for mb in mbs])
-                if twins.reference_ready:
-                    with timer("ref_score"):
-                        lu = [self.per_token_loss(twins.proxy, mb, grad=False) for mb in mbs]
-                        mask, _ = selection.select_by_score(self.scores(mbs, lu), valid, sel.gamma)
-                else:
-                    mask = valid  # first sync: no previous reference, all ones
-                pool.append(mbs)
-                masks.append(mask)
+                pool.append(self.micro_batches("ref_pool"))
+                masks.append(self.pool_mask(pool[-1], tie_seed=(self.cfg.train.seed + 2, step * k_steps + k)))
         with timer("sync"):
             engines.sync_reference(twins.proxy, twins.reference)
         # the proxy's scheduled LR, constant over the phase; past the proxy's warm-up, which a fresh
@@ -232,12 +218,28 @@ class BladeStep:
         twins.reference.eval()
         twins.reference_ready = True
         self.log.log({"kind": "ref", "step": step, "strategy": sel.strategy, "ref_steps": k_steps,
-                      "ref_lr": lr, "ref_final_loss": ref_loss, **timer.record(REF_PHASES),
+                      "ref_lr": lr, "ref_final_loss": ref_loss,
+                      "ref_nonfinite_skipped": self.counters.ref_nonfinite_skipped, **timer.record(REF_PHASES),
                       "ref_phase_time_s": time.perf_counter() - t0})
+
+    def pool_mask(self, mbs: list[MicroBatch], tie_seed: tuple[int, int]) -> torch.Tensor:
+        """The reference's mask on a pool batch: the top-gamma of l(u) - l(w_prev); every valid token
+        at the first sync (no w_prev yet); none when a score is non-finite (counted)."""
+        valid = torch.stack([mb.valid.flatten() for mb in mbs])
+        if not self.twins.reference_ready:
+            return valid
+        with self.timer("ref_score"):
+            score = self.scores(mbs, [self.per_token_loss(self.twins.proxy, mb, grad=False) for mb in mbs])
+            if all_reduce_sum([float((~torch.isfinite(score) & valid).sum())])[0]:
+                self.counters.ref_nonfinite_skipped += 1
+                return torch.zeros_like(valid)  # unscorable: this batch adds no pool term
+            return selection.select_by_score(score, valid, self.sel.gamma, tie_seed=tie_seed)[0]
 
     def reference_step(self, targets: list[MicroBatch], pool: list[MicroBatch] | None,
                        masks: torch.Tensor | None) -> float:
-        """One reference optimizer step; val and pool sequences go through one forward together."""
+        """One reference optimizer step; val and pool sequences go through one forward together.
+        A non-finite loss on any rank skips the step everywhere (counted in ref_nonfinite_skipped);
+        returns the step's loss (NaN when skipped)."""
         lam, reference = self.sel.lam, self.twins.reference
         n_val = sum(float(mb.valid.sum()) for mb in targets)
         n_pool = float(masks.sum()) if pool is not None else 0.0
@@ -251,11 +253,22 @@ class BladeStep:
                 tgts = torch.cat([tgts, pool[m].targets])
                 w = torch.cat([w, lam * masks[m].view_as(pool[m].targets).float() / n_pool])
             lw = reference(inputs, tgts)
+            if all_reduce_sum([float((~torch.isfinite(lw.detach()) & (w > 0)).sum())])[0]:
+                if m > 0:  # earlier micro-batches' gradients are accumulated: no clean way back
+                    raise NonFiniteAbort(f"non-finite reference loss in micro-batch {m} of a reference step "
+                                         "with gradient accumulation; lower optim.lr or check data.target")
+                self.counters.ref_nonfinite_skipped += 1
+                return float("nan")
             loss, = selection.masked_mean_loss_scale([lw], [w], 1.0, self.world.world_size)
             reference.backward(loss, scale_wrt_gas=False)
             reference.step()
             logged += float((lw.detach() * w).sum())
         return all_reduce_sum([logged])[0]
+
+
+def _non_finite(losses: list[torch.Tensor], mbs: list[MicroBatch]) -> float:
+    """Valid positions of this rank whose loss is NaN or infinite."""
+    return sum(float((~torch.isfinite(lu.detach()) & mb.valid).sum()) for lu, mb in zip(losses, mbs))
 
 
 def _float(x) -> float:
