@@ -174,6 +174,24 @@ def to_format_1(ckpt):
         torch.save(mine, rank_file)
 
 
+@pytest.mark.parametrize("error, message", [("enospc", "No space left on device (ENOSPC)"),
+                                            ("eacces", "Permission denied (EACCES)")])
+def test_a_failed_save_stops_cleanly_and_keeps_the_resume_point(builtin_data, tmp_path, straight, error, message):
+    """The save after step 4 fails on rank 1 only (a full disk / a read-only directory, injected): both
+    ranks stop with one line naming the previous checkpoint (the one before the sync at step 3),
+    which then resumes the run exactly."""
+    base = straight("blade")
+    run_dir = str(tmp_path / "run")
+    codes = launch(builtin_data, run_dir, "checkpoint.interval=2", faults_spec=f"{error}@save:4:after_proxy#1")
+    assert codes == [2, 2], log_tail(run_dir)
+    tail = log_tail(run_dir)
+    assert f"cannot write checkpoint {checkpoint.root(run_dir)}/step_000004: {message}" in tail
+    assert f"the resume point stays {checkpoint.root(run_dir)}/step_000003" in tail and "Traceback" not in tail
+    assert ckpt_names(run_dir) == ["step_000002", "step_000003"]
+    assert launch(builtin_data, run_dir, "checkpoint.interval=2", "checkpoint.resume=auto") == [0, 0]
+    assert_same_run(base, run_dir)
+
+
 def test_format_1_checkpoint_resumes_bit_exactly(builtin_data, tmp_path, straight):
     """A checkpoint in the first format (flat keys) still resumes, exactly like the current one."""
     base = straight("blade")

@@ -5,6 +5,7 @@ Transformer without DeepSpeed (docs/checkpointing.md, "Export").
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from blade.runtime.checkpoint import (
     find_checkpoint,
     load_deepspeed_file,
     read_state,
+    refuse_unsafe,
     write_atomic,
 )
 
@@ -79,6 +81,8 @@ def proxy_fp32_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} has no proxy/ directory: it is damaged")
     try:
         if any("optim_states" in f for f in os.listdir(proxy)) and _zero_stage(path) > 0:
+            # DeepSpeed's reader unpickles whatever its files hold: check them first
+            refuse_unsafe(glob.glob(os.path.join(proxy, "*.pt")), f"the proxy weights in {path}")
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 sd = get_fp32_state_dict_from_zero_checkpoint(path, tag="proxy")
         else:  # stage 0: the module weights are in the model states file

@@ -16,6 +16,7 @@ is blade/runtime/reshard.py; `blade export` is blade/interop/export.py.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -29,7 +30,7 @@ import torch
 
 from blade.errors import BladeError
 from blade.runtime import faults
-from blade.runtime.dist import all_reduce, barrier
+from blade.runtime.dist import all_reduce
 
 FORMAT = "blade-checkpoint-2"    # components' state under "components" (blade/train/state.py)
 FORMAT_1 = "blade-checkpoint-1"  # the first format (flat keys); still read
@@ -167,25 +168,34 @@ def _plain(x):
 
 def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state: dict, rank: int,
          keep_last_n: int) -> str:
-    """Write checkpoint `completed` (a collective: every rank calls it). Returns its path."""
+    """Write checkpoint `completed` (a collective: every rank calls it). Returns its path.
+
+    A write that fails on any rank (a full disk, a read-only directory) fails the save on every rank
+    with one CheckpointError: the torn directory has no COMPLETE marker, so the previous complete
+    checkpoint stays the resume point. (A failure inside DeepSpeed's own save, between its internal
+    collectives, surfaces on the other ranks as a collective timeout: dist.timeout_s bounds it.)"""
     path = os.path.join(ckpt_root, step_name(completed))
-    if rank == 0:
+
+    def make_room():
         os.makedirs(ckpt_root, exist_ok=True)
         if os.path.exists(path):  # a torn save of this step, or a superseded one: never mix the two
             _remove(path)
         os.makedirs(path)
-    barrier()
-    faults.point("save", completed, "begin")
-    for name, engine in engines.items():
-        engine.save_checkpoint(path, tag=name, save_latest=False)
-        faults.point("save", completed, f"after_{name}")
-    torch.save(rank_state, os.path.join(path, f"rank_{rank:05d}.pt"))
-    if rank == 0:
-        with open(os.path.join(path, STATE), "w") as f:
-            json.dump(state, f, indent=1)
-    faults.point("save", completed, "before_barrier")
-    barrier()  # every rank's files are written
-    if rank == 0:
+
+    def save_engine(name, engine):
+        def work():
+            engine.save_checkpoint(path, tag=name, save_latest=False)
+            faults.point("save", completed, f"after_{name}")
+        return work
+
+    def write_state():
+        torch.save(rank_state, os.path.join(path, f"rank_{rank:05d}.pt"))
+        if rank == 0:
+            with open(os.path.join(path, STATE), "w") as f:
+                json.dump(state, f, indent=1)
+        faults.point("save", completed, "before_barrier")
+
+    def commit():
         for dirpath, _, files in os.walk(path):
             for name in files:
                 _fsync(os.path.join(dirpath, name))
@@ -194,8 +204,32 @@ def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state:
         faults.point("save", completed, "before_latest")
         write_atomic(os.path.join(ckpt_root, LATEST), step_name(completed) + "\n")
         prune(ckpt_root, keep_last_n, keep=path)
-    barrier()
+
+    _agreed(make_room if rank == 0 else None, path, ckpt_root)
+    faults.point("save", completed, "begin")
+    for name, engine in engines.items():  # DeepSpeed's save has collectives: agree after each engine
+        _agreed(save_engine(name, engine), path, ckpt_root)
+    _agreed(write_state, path, ckpt_root)  # every rank's files are written
+    _agreed(commit if rank == 0 else None, path, ckpt_root)
     return path
+
+
+def _agreed(work, path: str, ckpt_root: str) -> None:
+    """Run `work` (None: nothing on this rank), then agree with every rank (one all-reduce, which is
+    also the barrier) whether it failed with an OSError; if it failed anywhere, fail everywhere."""
+    error = None
+    if work is not None:
+        try:
+            work()
+        except OSError as e:
+            error = e
+    if all_reduce(torch.tensor([float(error is not None)])).item():
+        what = (f"{error.strerror} ({errno.errorcode.get(error.errno, error.errno)})" if error
+                else "it failed on another rank")
+        previous = newest_complete(ckpt_root)
+        raise CheckpointError(f"cannot write checkpoint {path}: {what}; the resume point stays "
+                              f"{previous or 'the start of the run'}: free disk space or fix the directory's "
+                              "permissions, then rerun with checkpoint.resume=auto")
 
 
 def prune(ckpt_root: str, keep_last_n: int, keep: str) -> list[str]:
@@ -248,9 +282,11 @@ def check_files(path: str, engines: dict, rank: int) -> str | None:
             return f"{os.path.join(folder, f'*rank_{rank}_*')} is missing"
         for f in sorted(f for f in mine if f.endswith(".pt")):
             refused = refused_global(os.path.join(folder, f))
-            if refused:
-                return (f"{os.path.join(folder, f)} holds {refused} (only tensors and DeepSpeed's bookkeeping "
+            if refused and refused.startswith("holds"):
+                return (f"{os.path.join(folder, f)} {refused} (only tensors and DeepSpeed's bookkeeping "
                         "classes are loaded; a checkpoint is data and may not run code)")
+            if refused:
+                return f"{os.path.join(folder, f)} {refused}"
     return None
 
 
@@ -259,7 +295,7 @@ def load(path: str, engines: dict, rank: int) -> dict:
     problem = check_files(path, engines, rank)
     bad = all_reduce(torch.tensor([float(problem is not None)]))
     if bad.item():
-        if problem and "holds" in problem:
+        if problem and " holds " in problem:
             raise CheckpointError(f"refused checkpoint {path}: {problem}")
         where = f": {problem}" if problem else " on another rank"
         raise CheckpointError(f"checkpoint {path} is damaged{where}; use an earlier checkpoint")
@@ -276,10 +312,14 @@ def load(path: str, engines: dict, rank: int) -> dict:
             raise CheckpointError(f"cannot load the {name} engine from {path}: DeepSpeed found no "
                                   "checkpoint files")
     file = os.path.join(path, f"rank_{rank:05d}.pt")
+    mine, error = None, None
     try:
-        return torch.load(file, weights_only=True)
+        mine = torch.load(file, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise CheckpointError(f"cannot read {file} ({type(e).__name__}): the checkpoint is damaged") from None
+        error = f"cannot read {file} ({type(e).__name__}): the checkpoint is damaged"
+    if all_reduce(torch.tensor([float(error is not None)])).item():  # every rank fails alike
+        raise CheckpointError(error or f"checkpoint {path} is damaged on another rank; use an earlier one")
+    return mine
 
 
 def load_deepspeed_file(file: str, map_location="cpu") -> dict:
@@ -306,10 +346,11 @@ _DEEPSPEED_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
 
 
 def refused_global(file: str) -> str | None:
-    """What in a torch file's pickle stream load_deepspeed_file would refuse (a global outside torch's
-    weights_only allow-list and DeepSpeed's two classes), read without loading any tensor: a cheap
-    check that every rank runs before a collective load, so that one poisoned file stops all ranks
-    together instead of leaving the others waiting in a collective. None when nothing is refused."""
+    """What is wrong with a torch file for load_deepspeed_file, read from its pickle stream without
+    loading any tensor: "holds <a global outside torch's weights_only allow-list and DeepSpeed's two
+    classes>", or "is unreadable (...)"; None when nothing is. A cheap check that every rank runs
+    before a collective load, so that one poisoned or broken file stops all ranks together instead
+    of leaving the others waiting in a collective."""
     import pickletools
     import zipfile
 
@@ -321,12 +362,24 @@ def refused_global(file: str) -> str | None:
             stream = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
         for op, arg, _ in pickletools.genops(stream):
             if op.name == "GLOBAL" and arg.replace(" ", ".") not in allowed:
-                return "the global " + arg.replace(" ", ".")
+                return "holds the global " + arg.replace(" ", ".")
             if op.name in ("STACK_GLOBAL", "INST", "OBJ"):  # torch.save writes protocol 2: GLOBAL only
-                return f"a {op.name} opcode"
+                return f"holds a {op.name} opcode"
     except (OSError, zipfile.BadZipFile, StopIteration, ValueError) as e:
-        return f"an unreadable pickle ({type(e).__name__})"
+        return f"is unreadable ({type(e).__name__})"
     return None
+
+
+def refuse_unsafe(files, what: str) -> None:
+    """CheckpointError (one line) for the first file that load_deepspeed_file would refuse: for the
+    code that hands files to DeepSpeed's own readers (zero_to_fp32 unpickles with weights_only=False)."""
+    for file in sorted(files):
+        refused = refused_global(file)
+        if refused and refused.startswith("holds"):
+            raise CheckpointError(f"refused {file}: it {refused} (only tensors and DeepSpeed's bookkeeping "
+                                  "classes are loaded; a checkpoint is data and may not run code)")
+        if refused:  # not a zip archive: a legacy pickle would be unpickled as it stands
+            raise CheckpointError(f"cannot read {what}: {file} {refused}; the checkpoint is damaged")
 
 
 class SafeLoads:

@@ -112,6 +112,9 @@ def setup(timeout_s: int = 300, backend: str = "auto", threads_per_rank: int = 0
     # DeepSpeed calls these deprecated collectives on every ZeRO step; one warning per call floods logs
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")
     map_launcher_env()
+    from blade.runtime.run_lock import die_with_launcher
+
+    die_with_launcher()  # a killed torchrun leaves no rank writing into the run directory
     set_threads(threads_per_rank)
     init_deepspeed_distributed(datetime.timedelta(seconds=timeout_s), backend)
     import torch

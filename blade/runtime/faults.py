@@ -14,6 +14,7 @@ comma-separated list of `ACTION@POINT[#RANK]`:
     nan_ref_loss@train_step:4      the reference's losses of step 4 become NaN
     nan_ref_loss@ref_phase:3       ... of the whole reference phase before step 3 (pool scores, steps)
     sleep@train_step:3#0           rank 0 pauses 3 s (time for a test to signal a rank from outside)
+    enospc@save:6:after_proxy#1    rank 1's save of step_000006 fails as on a full disk (eacces: read-only)
 
 Points: step_end:S, train_step:S, ref_phase:S, ref_step:S:K, eval_batch:S:B, save:C:{begin, after_proxy,
 after_reference, before_barrier, before_complete, before_latest}.
@@ -21,11 +22,13 @@ after_reference, before_barrier, before_complete, before_latest}.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 
 ENV = "BLADE_TEST_FAULTS"
 _SIGNALS = {"kill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}
+_ERRORS = {"enospc": errno.ENOSPC, "eacces": errno.EACCES}
 
 
 def _rank() -> int:
@@ -56,6 +59,9 @@ def point(*name) -> set[str]:
             import time
 
             time.sleep(3.0)
+        elif action in _ERRORS:  # a write that fails as on a full disk / a read-only directory
+            code = _ERRORS[action]
+            raise OSError(code, os.strerror(code), f"(injected at {here})")
         elif action in _SIGNALS:
             if action == "kill":
                 import sys

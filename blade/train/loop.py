@@ -19,7 +19,8 @@ import sys
 
 from blade.config import BladeConfig, check_paths, config_to_dict, dump_config
 from blade.data.reader import DataStream, ShardDataset, eval_batches
-from blade.runtime import checkpoint, faults
+from blade.errors import ConfigError
+from blade.runtime import checkpoint, faults, run_lock
 from blade.runtime.dist import World, all_reduce_sum
 from blade.runtime.metrics import MetricsLogger
 from blade.runtime.preempt import Preempted, StopRequest
@@ -39,6 +40,7 @@ class Trainer:
         self.cfg, self.world = cfg, world
         t, sel = cfg.train, cfg.selection
         check_paths(cfg)  # the data exists and fits the model and the strategy: refused before any engine
+        self._lock_run_dir()  # one job per run directory
         self.datasets = {name: ShardDataset(path, cfg.model.vocab_size, cfg.data.on_bad_shard)
                          for name, path in (("train", cfg.data.train), ("target", cfg.data.target),
                                             ("val", cfg.data.val)) if path}
@@ -78,6 +80,17 @@ class Trainer:
             self.start_step = self.last_saved = saved["step"]
             self.last_path = resume_path
             checkpoint.set_rng_state(saved["rng"])  # last: nothing after this may draw random numbers
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run directory's lock; every rank learns the outcome (a collective)."""
+        refused = ""
+        if self.world.is_main:
+            try:
+                run_lock.acquire(self.cfg.run.dir)
+            except ConfigError as e:
+                refused = str(e)
+        if all_reduce_sum([float(bool(refused))])[0]:
+            raise ConfigError(refused or f"run.dir {self.cfg.run.dir} is in use by another job (see rank 0)")
 
     def components(self) -> dict:
         """Everything stateful a checkpoint saves besides the engines' weights (blade/train/state.py)."""
