@@ -314,11 +314,12 @@ def load(path: str, engines: dict, rank: int) -> dict:
     file = os.path.join(path, f"rank_{rank:05d}.pt")
     mine, error = None, None
     try:
-        mine = torch.load(file, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        error = f"cannot read {file} ({type(e).__name__}): the checkpoint is damaged"
+        mine = load_deepspeed_file(file)  # the same safe unpickling as DeepSpeed's files
+    except CheckpointError as e:
+        error = str(e)
     if all_reduce(torch.tensor([float(error is not None)])).item():  # every rank fails alike
-        raise CheckpointError(error or f"checkpoint {path} is damaged on another rank; use an earlier one")
+        raise CheckpointError(error or f"checkpoint {path}: a rank file is damaged or refused on another rank; "
+                              "use an earlier checkpoint")
     return mine
 
 

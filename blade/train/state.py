@@ -16,6 +16,7 @@ read through `_from_format_1`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -24,6 +25,7 @@ import torch
 from blade.config import config_to_dict
 from blade.errors import ConfigError
 from blade.runtime import checkpoint, reshard
+from blade.runtime.checkpoint import CheckpointError
 from blade.runtime.dist import barrier
 from blade.runtime.zero import full_shape
 
@@ -108,8 +110,9 @@ def resume_point(cfg, world, say) -> str | None:
     path = checkpoint.newest_complete(ckpt_root) if ck.resume == "auto" else checkpoint.find_checkpoint(ck.resume)
     step, eval_pending = 0, None
     if path:
-        state = read_state(path)
-        step, eval_pending = state["step"], state["components"]["loop"]["eval_pending"]
+        with _malformed(path):
+            state = read_state(path)
+            step, eval_pending = int(state["step"]), state["components"]["loop"]["eval_pending"]
     barrier()  # every rank has chosen before anything moves
     if world.is_main:
         if path is None:
@@ -127,6 +130,11 @@ def resume_point(cfg, world, say) -> str | None:
 def restore(tr, path: str) -> dict:
     """Load a checkpoint into the engines and every component; returns the state with this rank's
     RNG states under "rng", which the caller sets last (nothing after it may draw random numbers)."""
+    with _malformed(path):
+        return _restore(tr, path)
+
+
+def _restore(tr, path: str) -> dict:
     ck, t0 = tr.cfg.checkpoint, time.perf_counter()
     state = read_state(path)
     for warning in checkpoint.check_compatible({**state, "path": path}, identity(tr), ck.allow_data_change):
@@ -157,6 +165,16 @@ def restore(tr, path: str) -> dict:
     apply(components, mine["components"], "load_rank_state_dict")
     tr.say(f"resuming from {path} after {state['step']} steps (loaded in {time.perf_counter() - t0:.2f} s)")
     return {**state, "rng": mine["rng"]}
+
+
+@contextlib.contextmanager
+def _malformed(path: str):
+    """A state that parses but does not have the layout blade writes: one line, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {path} holds a malformed state ({type(e).__name__}: "
+                              f"{str(e)[:100]}): it is damaged; use an earlier checkpoint") from None
 
 
 def read_state(path: str) -> dict:
