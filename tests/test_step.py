@@ -66,3 +66,46 @@ def test_the_proxy_scores_in_train_mode_and_the_rest_in_eval_mode():
     assert not torch.equal(*scored) and engine.module.training  # dropout on, as in the update
     evaluated = [engines.per_token_loss(engine, x, x, grad=False) for _ in range(2)]
     assert torch.equal(*evaluated) and engine.module.training  # eval mode inside, mode restored
+
+
+def _count_forwards(rank, world, runs):
+    """Forwards of each engine in one proxy step (the reference phase before it is not counted)."""
+    from blade.config import load_config
+    from blade.runtime.dist import World
+    from blade.train import schedule
+    from blade.train.loop import Trainer
+    from tests.conftest import TINY
+
+    out = []
+    for overrides in runs:
+        tr = Trainer(load_config(TINY, overrides), World(rank, world, rank, "cpu"))
+        if schedule.reference_phase_before(tr.cfg.selection, 0):
+            tr.stepper.reference_phase(0)
+        counts = {"proxy": 0, "reference": 0}
+        for name, engine in tr.engines.by_name().items():
+            engine.module.register_forward_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1))
+        tr.stepper.train_step(0)
+        out.append(counts)
+    return out
+
+
+def test_forward_count_per_strategy_matches_the_flop_model(tmp_path, builtin_data):
+    """full and random never run a scoring forward; rho1 and blade reuse it without accumulation and
+    pay one extra proxy forward with it. flops.step_flops counts exactly these."""
+    from blade.config import load_config
+    from blade.model import flops
+    from tests.conftest import TINY, tiny_overrides
+    from tests.dist_harness import run_distributed
+
+    cases = [(s, ga) for ga in (1, 2) for s in ("full", "random", "rho1", "blade")]
+    runs = [tiny_overrides(builtin_data, str(tmp_path / f"{s}{ga}"), f"selection.strategy={s}",
+                           f"train.grad_accum={ga}", "selection.k_ref_steps=1", "selection.rho1_ref_steps=1")
+            for s, ga in cases]
+    got = run_distributed(_count_forwards, 1, deepspeed=True, args=(runs,))[0]
+    for (strategy, ga), overrides, counts in zip(cases, runs, got):
+        cfg = load_config(TINY, overrides)
+        f, fwd = flops.step_flops(cfg, 1, 64, strategy), flops.forward_flops(cfg.model, 4 * ga, 64)
+        assert counts["proxy"] == ga * (1 + f.proxy_rescore / fwd), (strategy, ga, counts)
+        assert counts["reference"] == ga * f.reference_forward / fwd, (strategy, ga, counts)
+        scored = strategy in ("rho1", "blade")
+        assert counts == {"proxy": ga * (2 if scored and ga > 1 else 1), "reference": ga if scored else 0}

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from blade import ROOT
 from blade.config import STRATEGIES, SelectionConfig
 from blade.errors import BladeError
 from blade.runtime.preempt import EXIT_PREEMPTED, Preempted
@@ -40,7 +41,6 @@ def scaled_schedule(steps: int) -> dict:
             "selection.diag_interval": max(1, tau // 4)}
 
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # configs/ and launch/ live here
 
 
 class Stage:
@@ -72,7 +72,7 @@ class Stage:
         log = os.path.join(self.dir, "train.log")
         say(f"{self.name}: training on {ranks} rank(s), log {log}")
         # the project's local launcher: torchrun, a free port, the accelerator, threads per rank
-        cmd = ["bash", os.path.join(_ROOT, "launch", "local.sh"), str(ranks), "-c", self.config,
+        cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), str(ranks), "-c", self.config,
                f"run.dir={self.run_dir}", *self.overrides]
         env = {**os.environ, "PYTHON": sys.executable}
         t0 = time.time()
@@ -138,7 +138,7 @@ def run_experiment(out: str, data: str, cache: str, quick: bool = False, ranks: 
         raise BladeError(f"unknown strategies {unknown}: choose from {', '.join(STRATEGIES)}")
     t0 = time.time()
     manifest = _prepare_data(data, cache, "quick" if quick else "default", say)
-    base_yaml, continual_yaml = (os.path.join(_ROOT, "configs", "experiment", c) for c in CONFIGS[quick])
+    base_yaml, continual_yaml = (os.path.join(ROOT, "configs", "experiment", c) for c in CONFIGS[quick])
     paths = [f"data.train={data}/base", f"data.val={data}/val", f"data.target={data}/target"]
     base = Stage(out, "base", base_yaml, [*paths, f"train.seed={seed}"])
     times = {"base": base.run(ranks, say)}

@@ -68,6 +68,19 @@ class BladeStep:
     def per_token_loss(self, engine, mb: MicroBatch, grad: bool, train_mode: bool = False) -> torch.Tensor:
         return engines.per_token_loss(engine, mb.inputs, mb.targets, grad, train_mode)
 
+    def score_forwards(self, mbs: list[MicroBatch]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The reference's and the proxy's per-token losses of every micro-batch. The reference runs
+        first, so its temporaries never meet the proxy's graph. The proxy scores its batch as it
+        trains on it (train mode); without accumulation that forward keeps its graph and is reused
+        for the update, with accumulation the update re-forwards one micro-batch at a time (the price
+        of an exact top-k over all micro-batches at the memory of one)."""
+        keep_graph = len(mbs) == 1
+        with self.timer("reference_forward"):
+            ref = [self.per_token_loss(self.twins.reference, mb, grad=False) for mb in mbs]
+        with self.timer("proxy_forward"):
+            proxy = [self.per_token_loss(self.twins.proxy, mb, grad=keep_graph, train_mode=True) for mb in mbs]
+        return proxy, ref
+
     def scores(self, mbs: list[MicroBatch], proxy_losses: list[torch.Tensor],
                ref: list[torch.Tensor] | None = None) -> torch.Tensor:
         """s = l(u) - l(w) per token, [M, B*T]; invalid positions are masked out by the caller."""
@@ -84,48 +97,47 @@ class BladeStep:
             mbs = self.micro_batches("train")
         valid = torch.stack([mb.valid.flatten() for mb in mbs])
         selecting = schedule.selecting(sel, step)
-        keep_graph = len(mbs) == 1  # with accumulation, score first (no grad) and recompute to train
         proxy.train()
-        ref_losses = None  # the reference forward first, so its temporaries never meet the proxy's graph
-        if selecting and self.scored:
-            with timer("reference_forward"):
-                ref_losses = [self.per_token_loss(self.twins.reference, mb, grad=False) for mb in mbs]
-        with timer("proxy_forward"):
-            # the proxy scores its batch as it trains on it (train mode: dropout as in the update),
-            # whether that forward is reused for training (no accumulation) or not
-            losses = [self.per_token_loss(proxy, mb, grad=keep_graph, train_mode=True) for mb in mbs]
-        bad_ref = _non_finite(ref_losses, mbs) if ref_losses is not None else 0.0
-        n_bad, n_bad_ref, n_valid = all_reduce_sum([_non_finite(losses, mbs), bad_ref, float(valid.sum())])
-        if n_bad or n_bad_ref:  # the same decision on every rank, before any backward: no update anywhere
-            which = f"{int(n_bad)} non-finite token losses" if n_bad else \
-                f"{int(n_bad_ref)} non-finite reference token losses"
-            return self.skip_step(step, int(n_valid), t0, which)
 
         # the Frank-Wolfe oracle: the exact top-k of the global batch (or the baselines' choice)
-        stats, score = None, None
-        if not selecting:
-            mask = valid
-        elif sel.strategy == "random":
-            with timer("selection"):
-                mask, stats = selection.select_random(valid, sel.gamma, cfg.train.seed, step)
-        else:
+        stats, score, losses = None, None, None
+        if selecting and self.scored:  # rho1 / blade: score every micro-batch, then select over all
+            losses, ref_losses = self.score_forwards(mbs)
+            n_bad, n_bad_ref, n_valid = all_reduce_sum([_non_finite(losses, mbs), _non_finite(ref_losses, mbs),
+                                                        float(valid.sum())])
+            if n_bad or n_bad_ref:  # the same decision on every rank, before any backward
+                which = f"{int(n_bad)} non-finite token losses" if n_bad else \
+                    f"{int(n_bad_ref)} non-finite reference token losses"
+                return self.skip_step(step, int(n_valid), t0, which)
             with timer("reference_forward"):
                 score = self.scores(mbs, losses, ref_losses)
             with timer("selection"):
-                mask, stats = selection.select_by_score(score, valid, sel.gamma,
-                                                        tie_seed=(cfg.train.seed, step))
-        if selecting or sel.strategy == "full":  # warm-up steps would blur the rates
-            proxy_loss = torch.stack([lu.detach().float().flatten() for lu in losses])
-            self.diagnostics.observe(step, mask, mbs, cfg, proxy_loss, score)
+                mask, stats = selection.select_by_score(score, valid, sel.gamma, tie_seed=(cfg.train.seed, step))
+        else:  # full, random, warm-up: the mask needs no losses, the training forward is the only one
+            n_valid = all_reduce_sum([float(valid.sum())])[0]
+            mask = valid
+            if selecting:
+                with timer("selection"):
+                    mask, stats = selection.select_random(valid, sel.gamma, cfg.train.seed, step)
         weights = selection.frank_wolfe_weights(mask, valid, sel.gamma, sel.eta if selecting else 1.0)
 
         # the proxy update on sum(weights * l_u) / sum(weights) over the global batch
         total_weight, n_selected = all_reduce_sum([float(weights.sum()), float(mask.sum())])
         local = [0.0, 0.0]  # sum(w * l), sum(l) over valid tokens: the logged losses
-        grad_norm = None
+        trained, grad_norm = [], None
         for m, mb in enumerate(mbs):
             with timer("proxy_forward"):
-                lu = losses[m] if keep_graph else self.per_token_loss(proxy, mb, grad=True)
+                reuse = losses is not None and losses[m].requires_grad  # the scoring forward kept its graph
+                lu = losses[m] if reuse else self.per_token_loss(proxy, mb, grad=True)
+            if losses is None:  # no scoring forward ran: check this one before its backward
+                n_bad = all_reduce_sum([_non_finite([lu], [mb])])[0]
+                if n_bad and m == 0:
+                    return self.skip_step(step, int(n_valid), t0, f"{int(n_bad)} non-finite token losses")
+                if n_bad:
+                    raise NonFiniteAbort(f"step {step}: non-finite token losses in micro-batch {m}, after "
+                                         "gradients of the earlier ones were accumulated; resume from the "
+                                         "newest checkpoint with a lower optim.lr")
+            trained.append(lu.detach())
             w = weights[m].view_as(lu)
             loss, = selection.masked_mean_loss_scale([lu], [w], total_weight, self.world.world_size)
             with timer("backward"):
@@ -140,6 +152,9 @@ class BladeStep:
                 proxy.step()
             local[0] += float((lu.detach() * w).sum())
             local[1] += float((lu.detach() * mb.valid).sum())
+        if selecting or sel.strategy == "full":  # warm-up steps would blur the rates
+            proxy_loss = torch.stack([lu.float().flatten() for lu in (losses or trained)])
+            self.diagnostics.observe(step, mask, mbs, cfg, proxy_loss, score)
         trained_loss, all_loss = all_reduce_sum(local)
         grad_norm = proxy.get_global_grad_norm() if grad_norm is None else grad_norm
         if getattr(proxy.optimizer, "overflow", False):  # DeepSpeed skipped it: non-finite grad norm
