@@ -45,7 +45,7 @@ class Counters:
 
 
 class NonFiniteAbort(BladeError):
-    """Too many non-finite steps in a row: the run stops after checkpointing the last good weights."""
+    """A non-finite loss or gradient that cannot be skipped, or too many skipped steps in a row."""
 
 
 class BladeStep:
@@ -142,12 +142,8 @@ class BladeStep:
             loss, = selection.masked_mean_loss_scale([lu], [w], total_weight, self.world.world_size)
             with timer("backward"):
                 proxy.backward(loss, scale_wrt_gas=False)
-            if m == len(mbs) - 1 and not zero.reports_grad_norm(proxy):  # ZeRO-0 fp32: DeepSpeed says none
-                grad_norm = zero.grad_norm(proxy)
-                if not math.isfinite(grad_norm):  # it would apply it: stop before it does
-                    raise NonFiniteAbort(f"step {step}: non-finite gradient norm; ZeRO stage 0 in fp32 cannot "
-                                         "skip a step, so the run stops before applying it: resume from the "
-                                         "newest checkpoint with a lower optim.lr, or use ZeRO >= 1 or bf16")
+            if m == len(mbs) - 1 and not zero.reports_grad_norm(proxy):
+                grad_norm = self.own_grad_norm(step)
             with timer("optimizer_step"):
                 proxy.step()
             local[0] += float((lu.detach() * w).sum())
@@ -185,6 +181,16 @@ class BladeStep:
         if selecting and self.scored:
             record["score_mean"] = self.diagnostics.last_score_mean
         return record
+
+    def own_grad_norm(self, step: int) -> float:
+        """ZeRO stage 0 in fp32: DeepSpeed keeps no gradient norm and cannot skip a step, so blade
+        computes the norm before the step and stops before applying a non-finite one."""
+        norm = zero.grad_norm(self.twins.proxy)
+        if not math.isfinite(norm):
+            raise NonFiniteAbort(f"step {step}: non-finite gradient norm; ZeRO stage 0 in fp32 cannot skip a "
+                                 "step, so the run stops before applying it: resume from the newest "
+                                 "checkpoint with a lower optim.lr, or use ZeRO >= 1 or bf16")
+        return norm
 
     def skip_step(self, step: int, n_valid: int, t0: float, why: str) -> dict:
         """A step without an update on any rank: its batch is consumed and the LR schedule advances
