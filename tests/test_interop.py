@@ -273,6 +273,22 @@ def tied(tmp_path_factory):
     return hf_checkpoint(tmp_path_factory.mktemp("tied"), tie=True, kv=2)
 
 
+def test_a_pretrained_checkpoint_is_read_once_per_run(tied, monkeypatch):
+    """The config's shape merge, the data checks and the weight load share one read of the header."""
+    from blade.interop import hf as hf_format
+    from blade.interop import pretrained
+
+    path, reads = tied[0], []
+    real = hf_format.read_config
+    monkeypatch.setattr(hf_format, "read_config", lambda p: reads.append(p) or real(p))
+    pretrained._open.cache_clear()
+    merge_pretrained_config({"init_from": path})
+    for _ in range(3):  # data.train, data.target, data.val
+        model_config_from_pretrained(path)
+    import_model(path)
+    assert reads == [path]
+
+
 def copy_ckpt(src, dst, config_edit=None, tensors_edit=None):
     from safetensors.torch import load_file, save_file
 
