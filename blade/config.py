@@ -352,6 +352,8 @@ def check_paths(cfg: BladeConfig) -> dict[str, dict]:
         path = getattr(cfg.data, key)
         if path is None and key != "train":
             continue
+        if path is None:
+            raise ConfigError("config error: data.train is required: the directory `blade prepare` wrote")
         file = os.path.join(path, "manifest.json")
         if not os.path.isfile(file):
             raise ConfigError(f"config error: data.{key}: no manifest.json in '{path}' "

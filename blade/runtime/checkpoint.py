@@ -184,7 +184,13 @@ def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state:
 
     def save_engine(name, engine):
         def work():
+            if name == next(iter(engines)):
+                faults.point("save", completed, "begin")
+            saver = engine.checkpoint_engine
+            saver.save_error = None
             engine.save_checkpoint(path, tag=name, save_latest=False)
+            if saver.save_error is not None:  # held back so that this rank reached DeepSpeed's barrier
+                raise saver.save_error
             faults.point("save", completed, f"after_{name}")
         return work
 
@@ -203,29 +209,35 @@ def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state:
         write_atomic(os.path.join(path, COMPLETE), f"{completed}\n")
         faults.point("save", completed, "before_latest")
         write_atomic(os.path.join(ckpt_root, LATEST), step_name(completed) + "\n")
-        prune(ckpt_root, keep_last_n, keep=path)
 
     _agreed(make_room if rank == 0 else None, path, ckpt_root)
-    faults.point("save", completed, "begin")
     for name, engine in engines.items():  # DeepSpeed's save has collectives: agree after each engine
         _agreed(save_engine(name, engine), path, ckpt_root)
     _agreed(write_state, path, ckpt_root)  # every rank's files are written
     _agreed(commit if rank == 0 else None, path, ckpt_root)
+    if rank == 0:
+        try:
+            prune(ckpt_root, keep_last_n, keep=path)
+        except OSError as e:  # the checkpoint is complete: a failed clean-up must not stop the run
+            print(f"blade: warning: cannot delete old checkpoints in {ckpt_root} ({e.strerror})", flush=True)
     return path
 
 
 def _agreed(work, path: str, ckpt_root: str) -> None:
     """Run `work` (None: nothing on this rank), then agree with every rank (one all-reduce, which is
-    also the barrier) whether it failed with an OSError; if it failed anywhere, fail everywhere."""
+    also the barrier) whether it failed; if it failed anywhere, fail everywhere. (torch.save reports
+    a full disk as a RuntimeError, os calls as an OSError.)"""
     error = None
     if work is not None:
         try:
             work()
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - any failure to write: agreed, then one line
             error = e
     if all_reduce(torch.tensor([float(error is not None)])).item():
-        what = (f"{error.strerror} ({errno.errorcode.get(error.errno, error.errno)})" if error
-                else "it failed on another rank")
+        if isinstance(error, OSError) and error.strerror:
+            what = f"{error.strerror} ({errno.errorcode.get(error.errno, error.errno)})"
+        else:
+            what = f"{type(error).__name__}: {str(error)[:120]}" if error else "it failed on another rank"
         previous = newest_complete(ckpt_root)
         raise CheckpointError(f"cannot write checkpoint {path}: {what}; the resume point stays "
                               f"{previous or 'the start of the run'}: free disk space or fix the directory's "
@@ -300,17 +312,19 @@ def load(path: str, engines: dict, rank: int) -> dict:
         where = f": {problem}" if problem else " on another rank"
         raise CheckpointError(f"checkpoint {path} is damaged{where}; use an earlier checkpoint")
     for name, engine in engines.items():
+        error = None
         try:
             loaded, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
                                                load_lr_scheduler_states=engine.lr_scheduler is not None)
-        except CheckpointError:
-            raise
+            if loaded is None:
+                error = (f"cannot load the {name} engine from {path}: DeepSpeed found no checkpoint files")
+        except CheckpointError as e:
+            error = str(e)
         except Exception as e:  # noqa: BLE001 - unpickling and DeepSpeed raise many kinds on bad files
-            raise CheckpointError(f"cannot load the {name} engine from {path} "
-                                  f"({type(e).__name__}: {str(e)[:200]})") from None
-        if loaded is None:
-            raise CheckpointError(f"cannot load the {name} engine from {path}: DeepSpeed found no "
-                                  "checkpoint files")
+            error = f"cannot load the {name} engine from {path} ({type(e).__name__}: {str(e)[:200]})"
+        if all_reduce(torch.tensor([float(error is not None)])).item():  # every rank fails alike
+            raise CheckpointError(error or f"cannot load the {name} engine from {path}: it failed on "
+                                  "another rank; use an earlier checkpoint")
     file = os.path.join(path, f"rank_{rank:05d}.pt")
     mine, error = None, None
     try:
@@ -366,7 +380,7 @@ def refused_global(file: str) -> str | None:
                 return "holds the global " + arg.replace(" ", ".")
             if op.name in ("STACK_GLOBAL", "INST", "OBJ"):  # torch.save writes protocol 2: GLOBAL only
                 return f"holds a {op.name} opcode"
-    except (OSError, zipfile.BadZipFile, StopIteration, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - zip, zlib, pickle framing: whatever fails, fails on this rank alone
         return f"is unreadable ({type(e).__name__})"
     return None
 
@@ -392,12 +406,21 @@ class SafeLoads:
 
     def __init__(self, inner):
         self._inner = inner
+        self.save_error = None
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
     def load(self, path: str, map_location=None):
         return load_deepspeed_file(path, map_location if map_location is not None else "cpu")
+
+    def save(self, state_dict, path: str):
+        """A failed write is kept in save_error (checkpoint.save raises it) instead of raised here:
+        raising would skip the barrier DeepSpeed runs after its writes and leave the other ranks there."""
+        try:
+            return self._inner.save(state_dict, path)
+        except Exception as e:  # noqa: BLE001 - re-raised by checkpoint.save after the barrier
+            self.save_error = getattr(self, "save_error", None) or e
 
 
 # ----------------------------------------------------------------------------- compatibility

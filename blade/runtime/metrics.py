@@ -14,7 +14,7 @@ import time
 
 class MetricsLogger:
     """State: the wandb run id (a resumed run continues the same wandb run) and the first and latest
-    headline losses. wandb starts at the first record, after a resume has loaded the id."""
+    headline losses. wandb starts with start() (the Trainer calls it after a resume loaded the id)."""
 
     def __init__(self, run_dir: str, enabled: bool, wandb_mode: str = "off", project: str = "blade",
                  run_name: str | None = None, config: dict | None = None, total_steps: int = 0,
@@ -40,6 +40,11 @@ class MetricsLogger:
         self.wandb_id = state["wandb_id"]
         self._first_last.update(state["first_last"])
 
+    def start(self) -> None:
+        """Open the wandb run (once; the first record opens it otherwise)."""
+        if self.enabled and self._wandb is None and self._wandb_args is not None:
+            self._wandb = _start_wandb(*self._wandb_args, run_id=self.wandb_id)
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -47,8 +52,7 @@ class MetricsLogger:
         for key in ("loss_all_tokens", "val_loss"):
             if key in record:
                 self._first_last.setdefault(key, [record[key], record[key]])[1] = record[key]
-        if self._wandb is None and self._wandb_args is not None:
-            self._wandb = _start_wandb(*self._wandb_args, run_id=self.wandb_id)
+        self.start()
         if self._wandb is not None:
             flat = {f"{record['kind']}/{k}": v for k, v in record.items()
                     if k not in ("kind", "step") and isinstance(v, (int, float))}

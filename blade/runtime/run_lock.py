@@ -13,6 +13,8 @@ SIGTERM when its parent dies: the rank then stops like a preempted one (checkpoi
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
 import fcntl
 import json
@@ -24,7 +26,9 @@ import time
 from blade.errors import ConfigError
 
 LOCK = ".lock"
+_NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # file systems without flock
 _held: dict[str, int] = {}  # real path of a run directory -> the fd this process locks it with
+_excl: set[str] = set()     # ... of those, the ones held by an exclusively created .lock.excl
 
 
 def acquire(run_dir: str) -> None:
@@ -43,9 +47,10 @@ def acquire(run_dir: str) -> None:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             raise ConfigError(f"run.dir {run_dir} is in use by {_holder(path)}: stop that job first, or "
                               "use another run.dir") from None
-        if e.errno != errno.ENOLCK:
+        if e.errno not in _NO_FLOCK:
             raise
         fd = _acquire_without_flock(path, run_dir)
+        _excl.add(key)
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
@@ -53,9 +58,20 @@ def acquire(run_dir: str) -> None:
 
 
 def release(run_dir: str) -> None:
-    fd = _held.pop(os.path.realpath(run_dir), None)
+    key = os.path.realpath(run_dir)
+    fd = _held.pop(key, None)
     if fd is not None:
         os.close(fd)  # drops the flock; the file stays (its content is history, not a lock)
+    if key in _excl:
+        _excl.discard(key)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(key, LOCK + ".excl"))
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_held):
+        release(key)
 
 
 def _acquire_without_flock(path: str, run_dir: str) -> int:

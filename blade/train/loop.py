@@ -76,6 +76,7 @@ class Trainer:
         if world.is_main:
             dump_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
             os.makedirs(checkpoint.root(cfg.run.dir), exist_ok=True)
+        self.log.start()  # wandb, with the resumed run id; before the RNG states are set
         if saved:
             self.start_step = self.last_saved = saved["step"]
             self.last_path = resume_path
@@ -89,6 +90,8 @@ class Trainer:
                 run_lock.acquire(self.cfg.run.dir)
             except ConfigError as e:
                 refused = str(e)
+            except OSError as e:  # an unwritable run.dir: refused on every rank, not on rank 0 alone
+                refused = f"cannot lock run.dir {self.cfg.run.dir} ({e.strerror}): check that it is writable"
         if all_reduce_sum([float(bool(refused))])[0]:
             raise ConfigError(refused or f"run.dir {self.cfg.run.dir} is in use by another job (see rank 0)")
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from blade.errors import BladeError
+from blade.model.transformer import IGNORE_INDEX
 from blade.runtime import zero
 from blade.runtime.dist import all_reduce_sum
 from blade.runtime.timing import REF_PHASES, STEP_PHASES
@@ -129,7 +130,7 @@ class BladeStep:
             with timer("proxy_forward"):
                 reuse = losses is not None and losses[m].requires_grad  # the scoring forward kept its graph
                 lu = losses[m] if reuse else self.per_token_loss(proxy, mb, grad=True)
-            if losses is None:  # no scoring forward ran: check this one before its backward
+            if not reuse:  # a forward no check has seen yet: check it before its backward
                 n_bad = all_reduce_sum([_non_finite([lu], [mb])])[0]
                 if n_bad and m == 0:
                     return self.skip_step(step, int(n_valid), t0, f"{int(n_bad)} non-finite token losses")
@@ -148,9 +149,6 @@ class BladeStep:
                 proxy.step()
             local[0] += float((lu.detach() * w).sum())
             local[1] += float((lu.detach() * mb.valid).sum())
-        if selecting or sel.strategy == "full":  # warm-up steps would blur the rates
-            proxy_loss = torch.stack([lu.float().flatten() for lu in (losses or trained)])
-            self.diagnostics.observe(step, mask, mbs, cfg, proxy_loss, score)
         trained_loss, all_loss = all_reduce_sum(local)
         grad_norm = proxy.get_global_grad_norm() if grad_norm is None else grad_norm
         if getattr(proxy.optimizer, "overflow", False):  # DeepSpeed skipped it: non-finite grad norm
@@ -159,6 +157,9 @@ class BladeStep:
             raise NonFiniteAbort(f"step {step}: a non-finite gradient was applied (this DeepSpeed setup does "
                                  "not skip such steps; with ZeRO-1/2 and bf16 set deepspeed.extra.bf16."
                                  "check_grad_overflow=true); resume from the newest checkpoint")
+        if selecting or sel.strategy == "full":  # warm-up steps would blur the rates
+            proxy_loss = torch.stack([lu.float().flatten() for lu in (losses or trained)])
+            self.diagnostics.observe(step, mask, mbs, cfg, proxy_loss, score)
 
         c = self.counters
         c.nonfinite_streak = 0
@@ -269,12 +270,12 @@ class BladeStep:
         for m, mb in enumerate(targets):
             w = mb.valid.float() / max(n_val, 1.0)
             inputs, tgts = mb.inputs, mb.targets
-            if pool is not None and n_pool > 0:
+            if pool is not None and n_pool > 0 and lam > 0:
                 inputs = torch.cat([inputs, pool[m].inputs])
                 tgts = torch.cat([tgts, pool[m].targets])
                 w = torch.cat([w, lam * masks[m].view_as(pool[m].targets).float() / n_pool])
             lw = reference(inputs, tgts)
-            if all_reduce_sum([float((~torch.isfinite(lw.detach()) & (w > 0)).sum())])[0]:
+            if all_reduce_sum([float((~torch.isfinite(lw.detach()) & (tgts != IGNORE_INDEX)).sum())])[0]:
                 if m > 0:  # earlier micro-batches' gradients are accumulated: no clean way back
                     raise NonFiniteAbort(f"non-finite reference loss in micro-batch {m} of a reference step "
                                          "with gradient accumulation; lower optim.lr or check data.target")
