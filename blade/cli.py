@@ -61,7 +61,8 @@ def split_config_args(items: list[str], config: str | None) -> tuple[str | None,
 def cmd_train(args) -> None:
     import yaml
 
-    from blade.config import check_paths, config_to_dict, load_config
+    from blade.config import config_to_dict, load_config
+    from blade.data.paths import check_paths
     from blade.train.schedule import describe_layout
 
     path, overrides = split_config_args(args.items, args.config)
@@ -109,7 +110,8 @@ def run_on_ranks(cfg, body) -> None:
 
 
 def cmd_bench(args) -> None:
-    from blade.config import check_paths, load_config
+    from blade.config import load_config
+    from blade.data.paths import check_paths
 
     path, overrides = split_config_args(args.items, args.config)
     cfg = load_config(path, overrides)

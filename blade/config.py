@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -307,7 +306,7 @@ _RANGES = {
 
 
 def validate(cfg: BladeConfig) -> None:
-    """Range and consistency checks on a typed config (file paths: see check_paths)."""
+    """Range and consistency checks on a typed config (the data directories: blade/data/paths.py)."""
     for name, rule in _RANGES.items():
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -342,42 +341,6 @@ def validate(cfg: BladeConfig) -> None:
     if resume not in ("none", "auto") and not os.path.isdir(resume):
         raise ConfigError(f"config error: checkpoint.resume: no checkpoint at '{resume}' "
                           f"(use auto, none or an existing checkpoint directory)")
-
-
-def check_paths(cfg: BladeConfig) -> dict[str, dict]:
-    """Data directories must exist and hold manifest.json (target/val may be null), and their sequences
-    must fit the model and each other. Returns {key: manifest} of the directories given."""
-    manifests = {}
-    for key in ("train", "target", "val"):
-        path = getattr(cfg.data, key)
-        if path is None and key != "train":
-            continue
-        if path is None:
-            raise ConfigError("config error: data.train is required: the directory `blade prepare` wrote")
-        file = os.path.join(path, "manifest.json")
-        if not os.path.isfile(file):
-            raise ConfigError(f"config error: data.{key}: no manifest.json in '{path}' "
-                              f"(run `blade prepare` first, or fix the path)")
-        try:
-            with open(file) as f:
-                manifests[key] = json.load(f)
-            seq_len = int(manifests[key]["seq_len"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"config error: data.{key}: cannot read seq_len from {file} ({e!r}); "
-                              "re-run `blade prepare`") from None
-        if seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"config error: the data's seq_len {seq_len} (data.{key}) exceeds "
-                              f"model.max_seq_len {cfg.model.max_seq_len}; raise model.max_seq_len")
-    target = manifests.get("target")
-    if cfg.selection.strategy in STRATEGIES_WITH_REFERENCE:
-        if target is None:
-            raise ConfigError(f"config error: selection.strategy={cfg.selection.strategy} needs data.target "
-                              "(the target set the reference trains on)")
-        if target["seq_len"] != manifests["train"]["seq_len"]:
-            raise ConfigError(f"config error: data.target has seq_len {target['seq_len']} but data.train has "
-                              f"{manifests['train']['seq_len']}: the reference trains on both in one batch; "
-                              "prepare them with the same --seq-len")
-    return manifests
 
 
 # ----------------------------------------------------------------------------- public API

@@ -11,3 +11,7 @@ class ConfigError(BladeError):
 
 class DataError(BladeError):
     """Invalid or unreadable data: corrupt/truncated/empty shard, bad manifest, token id out of range."""
+
+
+class CheckpointError(BladeError):
+    """A checkpoint that cannot be used: incomplete, corrupt, or from an incompatible run."""

@@ -22,6 +22,7 @@ from blade.interop import export
 from blade.runtime import checkpoint, faults
 from blade.runtime.metrics import read_metrics
 from blade.runtime.preempt import EXIT_PREEMPTED, StopRequest
+from blade.train import state
 from tests.conftest import ROOT, TINY, tiny_overrides
 from tests.dist_harness import free_port, run_distributed
 
@@ -600,23 +601,23 @@ def _identity(**change):
 ])
 def test_check_compatible_refuses(change, message):
     with pytest.raises(BladeError, match=message):
-        checkpoint.check_compatible(_identity(), _identity(**change), allow_data_change=False)
+        state.check_compatible(_identity(), _identity(**change), allow_data_change=False)
 
 
 def test_world_size_change_needs_zero3():
-    warnings = checkpoint.check_compatible(_identity(), _identity(world_size=4), False)
+    warnings = state.check_compatible(_identity(), _identity(world_size=4), False)
     assert len(warnings) == 1 and "resharding from 2 to 4 ranks" in warnings[0]
     with pytest.raises(BladeError, match="world size was 2, this run has 4; relaunch with the checkpoint's "
                                          "number of ranks"):
-        checkpoint.check_compatible(_identity(zero_stage=2), _identity(zero_stage=2, world_size=4), False)
+        state.check_compatible(_identity(zero_stage=2), _identity(zero_stage=2, world_size=4), False)
 
 
 def test_check_compatible_warnings():
-    assert checkpoint.check_compatible(_identity(), _identity(), False) == []
-    warnings = checkpoint.check_compatible(_identity(), _identity(train="x", val="y"), True)
+    assert state.check_compatible(_identity(), _identity(), False) == []
+    warnings = state.check_compatible(_identity(), _identity(train="x", val="y"), True)
     assert len(warnings) == 2 and "allow_data_change" in warnings[0] and "not comparable" in warnings[1]
-    changes = checkpoint.config_changes({"optim": {"lr": 1.0}, "run": {"dir": "a"}},
-                                        {"optim": {"lr": 2.0}, "run": {"dir": "b"}})
+    changes = state.config_changes({"optim": {"lr": 1.0}, "run": {"dir": "a"}},
+                                   {"optim": {"lr": 2.0}, "run": {"dir": "b"}})
     assert changes == ["optim.lr: 1.0 -> 2.0"]
 
 

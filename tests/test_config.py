@@ -7,11 +7,11 @@ import pytest
 
 from blade.config import (
     BladeConfig,
-    check_paths,
     config_to_dict,
     dump_config,
     load_config,
 )
+from blade.data.paths import check_paths
 from blade.errors import BladeError, ConfigError
 from blade.train.schedule import describe_layout
 

@@ -13,14 +13,9 @@ import shutil
 
 import torch
 
-from blade.runtime.checkpoint import (
-    CheckpointError,
-    find_checkpoint,
-    load_deepspeed_file,
-    read_state,
-    refuse_unsafe,
-    write_atomic,
-)
+from blade.errors import CheckpointError
+from blade.runtime.checkpoint import find_checkpoint, read_state, write_atomic
+from blade.runtime.safe_load import load_deepspeed_file, refuse_unsafe
 
 
 def export(checkpoint: str, out: str) -> dict:

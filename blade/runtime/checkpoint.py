@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -28,9 +27,10 @@ import time
 import numpy as np
 import torch
 
-from blade.errors import BladeError
+from blade.errors import CheckpointError
 from blade.runtime import faults
 from blade.runtime.dist import all_reduce
+from blade.runtime.safe_load import load_deepspeed_file, refused_global
 
 FORMAT = "blade-checkpoint-2"    # components' state under "components" (blade/train/state.py)
 FORMAT_1 = "blade-checkpoint-1"  # the first format (flat keys); still read
@@ -38,10 +38,6 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 STATE = "state.json"
 _NAME = re.compile(r"step_(\d{6,})")
-
-
-class CheckpointError(BladeError):
-    """A checkpoint that cannot be used: incomplete, corrupt, or from an incompatible run."""
 
 
 # ----------------------------------------------------------------------------- layout
@@ -335,155 +331,6 @@ def load(path: str, engines: dict, rank: int) -> dict:
         raise CheckpointError(error or f"checkpoint {path}: a rank file is damaged or refused on another rank; "
                               "use an earlier checkpoint")
     return mine
-
-
-def load_deepspeed_file(file: str, map_location="cpu") -> dict:
-    """A DeepSpeed checkpoint file, unpickling tensors and DeepSpeed's two bookkeeping classes only
-    (torch.load with weights_only=True): a file that holds anything else is refused, never run."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-            return torch.load(file, weights_only=True, map_location=map_location)
-    except pickle.UnpicklingError as e:
-        what = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise CheckpointError(f"refused {file}: it holds more than tensors "
-                              f"({'the global ' + what.group(1) if what else 'an object torch refuses'}); "
-                              "a checkpoint is data and may not run code: use one that blade wrote") from None
-    except Exception as e:  # noqa: BLE001 - any other unpickling failure means a damaged file
-        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}): the checkpoint "
-                              "is damaged") from None
-
-
-_DEEPSPEED_GLOBALS = ("deepspeed.runtime.zero.config.ZeroStageEnum",
-                      "deepspeed.runtime.fp16.loss_scaler.LossScaler")
-
-
-def refused_global(file: str) -> str | None:
-    """What is wrong with a torch file for load_deepspeed_file, read from its pickle stream without
-    loading any tensor: "holds <a global outside torch's weights_only allow-list and DeepSpeed's two
-    classes>", or "is unreadable (...)"; None when nothing is. A cheap check that every rank runs
-    before a collective load, so that one poisoned or broken file stops all ranks together instead
-    of leaving the others waiting in a collective."""
-    import pickletools
-    import zipfile
-
-    from torch import _weights_only_unpickler as unpickler
-
-    allowed = set(unpickler._get_allowed_globals()) | set(_DEEPSPEED_GLOBALS)
-    try:
-        with zipfile.ZipFile(file) as z:
-            stream = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
-        for op, arg, _ in pickletools.genops(stream):
-            if op.name == "GLOBAL" and arg.replace(" ", ".") not in allowed:
-                return "holds the global " + arg.replace(" ", ".")
-            if op.name in ("STACK_GLOBAL", "INST", "OBJ"):  # torch.save writes protocol 2: GLOBAL only
-                return f"holds a {op.name} opcode"
-    except Exception as e:  # noqa: BLE001 - zip, zlib, pickle framing: whatever fails, fails on this rank alone
-        return f"is unreadable ({type(e).__name__})"
-    return None
-
-
-def refuse_unsafe(files, what: str) -> None:
-    """CheckpointError (one line) for the first file that load_deepspeed_file would refuse: for the
-    code that hands files to DeepSpeed's own readers (zero_to_fp32 unpickles with weights_only=False)."""
-    for file in sorted(files):
-        refused = refused_global(file)
-        if refused and refused.startswith("holds"):
-            raise CheckpointError(f"refused {file}: it {refused} (only tensors and DeepSpeed's bookkeeping "
-                                  "classes are loaded; a checkpoint is data and may not run code)")
-        if refused:  # not a zip archive: a legacy pickle would be unpickled as it stands
-            raise CheckpointError(f"cannot read {what}: {file} {refused}; the checkpoint is damaged")
-
-
-class SafeLoads:
-    """An engine's DeepSpeed checkpoint engine, with every load going through load_deepspeed_file.
-
-    DeepSpeed's own torch checkpoint engine unpickles with weights_only=False, so a checkpoint
-    directory from elsewhere could run code on every rank at resume; `engine.checkpoint_engine =
-    SafeLoads(engine.checkpoint_engine)` (engines.build_engine does it) closes that door."""
-
-    def __init__(self, inner):
-        self._inner = inner
-        self.save_error = None
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def load(self, path: str, map_location=None):
-        return load_deepspeed_file(path, map_location if map_location is not None else "cpu")
-
-    def save(self, state_dict, path: str):
-        """A failed write is kept in save_error (checkpoint.save raises it) instead of raised here:
-        raising would skip the barrier DeepSpeed runs after its writes and leave the other ranks there."""
-        try:
-            return self._inner.save(state_dict, path)
-        except Exception as e:  # noqa: BLE001 - re-raised by checkpoint.save after the barrier
-            self.save_error = getattr(self, "save_error", None) or e
-
-
-# ----------------------------------------------------------------------------- compatibility
-
-
-def check_compatible(saved: dict, current: dict, allow_data_change: bool) -> list[str]:
-    """Refuse (CheckpointError, one line) what cannot be resumed; return warnings for what can."""
-    where = f"checkpoint {saved.get('path', '')}".strip()
-    warnings = []
-    if saved.get("world_size") != current.get("world_size"):
-        if saved.get("zero_stage") == current.get("zero_stage") == 3:
-            warnings.append(f"resharding from {saved.get('world_size')} to {current.get('world_size')} ranks: "
-                            "weights, optimizer states and data positions carry over exactly; RNG states are "
-                            "re-derived, so the run continues close to, not bit-exactly like, the original")
-        else:
-            raise CheckpointError(f"cannot resume from {where}: world size was {saved.get('world_size')}, this "
-                                  f"run has {current.get('world_size')}; relaunch with the checkpoint's number "
-                                  "of ranks (a different world size needs deepspeed.zero_stage=3)")
-    for key, what, fix in (
-            ("zero_stage", "deepspeed.zero_stage", "use the checkpoint's ZeRO stage"),
-            ("precision", "train.precision", "use the checkpoint's precision"),
-            ("ref_precision", "selection.ref_precision", "use the checkpoint's reference precision"),
-            ("strategy", "selection.strategy", "use the checkpoint's strategy or start a new run.dir")):
-        if saved.get(key) != current.get(key):
-            raise CheckpointError(f"cannot resume from {where}: {what} was {saved.get(key)!r}, this run "
-                                  f"has {current.get(key)!r}; {fix}")
-    if saved["model_shape"] != current["model_shape"]:
-        names = sorted(set(saved["model_shape"]) | set(current["model_shape"]))
-        diff = next(n for n in names if saved["model_shape"].get(n) != current["model_shape"].get(n))
-        raise CheckpointError(f"cannot resume from {where}: the model shape differs ({diff}: "
-                              f"{saved['model_shape'].get(diff)} in the checkpoint, "
-                              f"{current['model_shape'].get(diff)} now); use the checkpoint's model config")
-    if saved["data"]["tokenizer"] != current["data"]["tokenizer"]:
-        raise CheckpointError(f"cannot resume from {where}: the data was tokenized with another tokenizer "
-                              f"(sha256 {str(saved['data']['tokenizer'])[:12]} in the checkpoint, "
-                              f"{str(current['data']['tokenizer'])[:12]} now); use the original data")
-    for split in ("train", "target"):
-        if saved["data"].get(split) != current["data"].get(split):
-            msg = (f"the data.{split} shards differ from those the checkpoint was trained on "
-                   "(fingerprint mismatch)")
-            if not allow_data_change:
-                raise CheckpointError(f"cannot resume from {where}: {msg}; resume with the original data, "
-                                      "or set checkpoint.allow_data_change=true to continue on the new "
-                                      "data at the same stream positions")
-            warnings.append(msg + "; continuing at the saved positions (allow_data_change)")
-    if saved["data"].get("val") != current["data"].get("val"):
-        warnings.append("data.val differs from the checkpoint's: evaluation losses before and after "
-                        "the resume are not comparable")
-    return warnings
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """`section.key: old -> new` for every setting that differs (bookkeeping sections left out)."""
-    skip = {"run", "logging", "dist", "checkpoint"}
-    changes = []
-    for section, values in current.items():
-        if section in skip or not isinstance(values, dict):
-            continue
-        for key, value in values.items():
-            old = saved.get(section, {}).get(key, value)
-            if old != value:
-                changes.append(f"{section}.{key}: {old!r} -> {value!r}")
-    return changes
 
 
 # ----------------------------------------------------------------------------- metrics

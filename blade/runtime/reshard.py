@@ -2,7 +2,7 @@
 
 Each engine's full fp32 weights and Adam moments are rebuilt from the old ranks' partitions (the layout
 zero_to_fp32 reads) and cut into this run's partitions; per-rank RNG states are re-derived from
-(seed, step, rank). DeepSpeed's files are read with checkpoint.load_deepspeed_file (weights_only=True).
+(seed, step, rank). DeepSpeed's files are read with safe_load.load_deepspeed_file (weights_only=True).
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import re
 import numpy as np
 import torch
 
-from blade.runtime.checkpoint import CheckpointError, load_deepspeed_file, rng_state, set_rng_state
+from blade.errors import CheckpointError
+from blade.runtime.checkpoint import rng_state, set_rng_state
+from blade.runtime.safe_load import load_deepspeed_file
 
 
 def _rank_of(file: str) -> int:

@@ -16,8 +16,9 @@ import torch
 
 from blade.config import BladeConfig, deep_merge
 from blade.model.transformer import Transformer
-from blade.runtime import checkpoint, zero
+from blade.runtime import zero
 from blade.runtime.dist import all_reduce, rank_and_world
+from blade.runtime.safe_load import SafeLoads
 from blade.train.schedule import uses_reference
 
 
@@ -115,7 +116,7 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=deepspeed_config(cfg, world_size, bf16, offload_params), lr_scheduler=scheduler)
-    engine.checkpoint_engine = checkpoint.SafeLoads(engine.checkpoint_engine)  # loads never run code
+    engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine)  # loads never run code
     return engine
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
-from blade.config import BladeConfig, check_paths, config_to_dict, dump_config
+from blade.config import BladeConfig, config_to_dict, dump_config
+from blade.data.paths import check_paths
 from blade.data.reader import DataStream, ShardDataset, eval_batches
 from blade.errors import ConfigError
 from blade.runtime import checkpoint, faults, run_lock

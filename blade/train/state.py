@@ -1,7 +1,7 @@
 """What of a run goes into a checkpoint, and how it comes back (file layout: blade/runtime/checkpoint.py).
 
 Every stateful component owns its state. `state_dict()` returns what is the same on every rank (JSON,
-written once into state.json); `rank_state_dict()` what belongs to this rank (rank_XXXXX.pt, read with
+written once into state.json); `rank_state_dict()` what belongs to this rank (rank_00000.pt, ..., read with
 weights_only=True); `load_state_dict` / `load_rank_state_dict` put it back. The loop hands over its
 components as a (nested) mapping, e.g.
 
@@ -23,9 +23,8 @@ import time
 import torch
 
 from blade.config import config_to_dict
-from blade.errors import ConfigError
+from blade.errors import CheckpointError, ConfigError
 from blade.runtime import checkpoint, reshard
-from blade.runtime.checkpoint import CheckpointError
 from blade.runtime.dist import barrier
 from blade.runtime.zero import full_shape
 
@@ -83,7 +82,7 @@ def save(tr, completed: int) -> tuple[float, str]:
 
 
 def identity(tr) -> dict:
-    """What a checkpoint must share with this run to be resumed (checkpoint.check_compatible)."""
+    """What a checkpoint must share with this run to be resumed (check_compatible)."""
     cfg, data = tr.cfg, tr.datasets
     uses_reference = tr.engines.reference is not None
     return {"world_size": tr.world.world_size, "zero_stage": cfg.deepspeed.zero_stage,
@@ -94,6 +93,66 @@ def identity(tr) -> dict:
                      "target": data["target"].fingerprint if uses_reference else None,
                      "val": data["val"].fingerprint if "val" in data else None,
                      "tokenizer": data["train"].manifest["tokenizer"].get("sha256")}}
+
+
+def check_compatible(saved: dict, current: dict, allow_data_change: bool) -> list[str]:
+    """Refuse (CheckpointError, one line) what cannot be resumed; return warnings for what can."""
+    where = f"checkpoint {saved.get('path', '')}".strip()
+    warnings = []
+    if saved.get("world_size") != current.get("world_size"):
+        if saved.get("zero_stage") == current.get("zero_stage") == 3:
+            warnings.append(f"resharding from {saved.get('world_size')} to {current.get('world_size')} ranks: "
+                            "weights, optimizer states and data positions carry over exactly; RNG states are "
+                            "re-derived, so the run continues close to, not bit-exactly like, the original")
+        else:
+            raise CheckpointError(f"cannot resume from {where}: world size was {saved.get('world_size')}, this "
+                                  f"run has {current.get('world_size')}; relaunch with the checkpoint's number "
+                                  "of ranks (a different world size needs deepspeed.zero_stage=3)")
+    for key, what, fix in (
+            ("zero_stage", "deepspeed.zero_stage", "use the checkpoint's ZeRO stage"),
+            ("precision", "train.precision", "use the checkpoint's precision"),
+            ("ref_precision", "selection.ref_precision", "use the checkpoint's reference precision"),
+            ("strategy", "selection.strategy", "use the checkpoint's strategy or start a new run.dir")):
+        if saved.get(key) != current.get(key):
+            raise CheckpointError(f"cannot resume from {where}: {what} was {saved.get(key)!r}, this run "
+                                  f"has {current.get(key)!r}; {fix}")
+    if saved["model_shape"] != current["model_shape"]:
+        names = sorted(set(saved["model_shape"]) | set(current["model_shape"]))
+        diff = next(n for n in names if saved["model_shape"].get(n) != current["model_shape"].get(n))
+        raise CheckpointError(f"cannot resume from {where}: the model shape differs ({diff}: "
+                              f"{saved['model_shape'].get(diff)} in the checkpoint, "
+                              f"{current['model_shape'].get(diff)} now); use the checkpoint's model config")
+    if saved["data"]["tokenizer"] != current["data"]["tokenizer"]:
+        raise CheckpointError(f"cannot resume from {where}: the data was tokenized with another tokenizer "
+                              f"(sha256 {str(saved['data']['tokenizer'])[:12]} in the checkpoint, "
+                              f"{str(current['data']['tokenizer'])[:12]} now); use the original data")
+    for split in ("train", "target"):
+        if saved["data"].get(split) != current["data"].get(split):
+            msg = (f"the data.{split} shards differ from those the checkpoint was trained on "
+                   "(fingerprint mismatch)")
+            if not allow_data_change:
+                raise CheckpointError(f"cannot resume from {where}: {msg}; resume with the original data, "
+                                      "or set checkpoint.allow_data_change=true to continue on the new "
+                                      "data at the same stream positions")
+            warnings.append(msg + "; continuing at the saved positions (allow_data_change)")
+    if saved["data"].get("val") != current["data"].get("val"):
+        warnings.append("data.val differs from the checkpoint's: evaluation losses before and after "
+                        "the resume are not comparable")
+    return warnings
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """`section.key: old -> new` for every setting that differs (bookkeeping sections left out)."""
+    skip = {"run", "logging", "dist", "checkpoint"}
+    changes = []
+    for section, values in current.items():
+        if section in skip or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value:
+                changes.append(f"{section}.{key}: {old!r} -> {value!r}")
+    return changes
 
 
 def resume_point(cfg, world, say) -> str | None:
@@ -137,9 +196,9 @@ def restore(tr, path: str) -> dict:
 def _restore(tr, path: str) -> dict:
     ck, t0 = tr.cfg.checkpoint, time.perf_counter()
     state = read_state(path)
-    for warning in checkpoint.check_compatible({**state, "path": path}, identity(tr), ck.allow_data_change):
+    for warning in check_compatible({**state, "path": path}, identity(tr), ck.allow_data_change):
         tr.say(f"warning: {warning}")
-    changes = checkpoint.config_changes(state["config"], config_to_dict(tr.cfg))
+    changes = config_changes(state["config"], config_to_dict(tr.cfg))
     if changes:
         tr.say("warning: the config differs from the checkpoint's, so the run will not continue "
                "bit-exactly: " + "; ".join(changes))
