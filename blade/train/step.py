@@ -104,7 +104,8 @@ class BladeStep:
         stats, score, losses = None, None, None
         if selecting and self.scored:  # rho1 / blade: score every micro-batch, then select over all
             losses, ref_losses = self.score_forwards(mbs)
-            n_bad, n_bad_ref, n_valid = all_reduce_sum([_non_finite(losses, mbs), _non_finite(ref_losses, mbs),
+            masks = [mb.valid for mb in mbs]
+            n_bad, n_bad_ref, n_valid = all_reduce_sum([_non_finite(losses, masks), _non_finite(ref_losses, masks),
                                                         float(valid.sum())])
             if n_bad or n_bad_ref:  # the same decision on every rank, before any backward
                 which = f"{int(n_bad)} non-finite token losses" if n_bad else \
@@ -131,7 +132,7 @@ class BladeStep:
                 reuse = losses is not None and losses[m].requires_grad  # the scoring forward kept its graph
                 lu = losses[m] if reuse else self.per_token_loss(proxy, mb, grad=True)
             if not reuse:  # a forward no check has seen yet: check it before its backward
-                n_bad = all_reduce_sum([_non_finite([lu], [mb])])[0]
+                n_bad = all_reduce_sum([_non_finite([lu], [mb.valid])])[0]
                 if n_bad and m == 0:
                     return self.skip_step(step, int(n_valid), t0, f"{int(n_bad)} non-finite token losses")
                 if n_bad:
@@ -252,7 +253,7 @@ class BladeStep:
             return valid
         with self.timer("ref_score"):
             score = self.scores(mbs, [self.per_token_loss(self.twins.proxy, mb, grad=False) for mb in mbs])
-            if all_reduce_sum([float((~torch.isfinite(score) & valid).sum())])[0]:
+            if all_reduce_sum([_non_finite([score], [valid])])[0]:
                 self.counters.ref_nonfinite_skipped += 1
                 return torch.zeros_like(valid)  # unscorable: this batch adds no pool term
             return selection.select_by_score(score, valid, self.sel.gamma, tie_seed=tie_seed)[0]
@@ -275,7 +276,7 @@ class BladeStep:
                 tgts = torch.cat([tgts, pool[m].targets])
                 w = torch.cat([w, lam * masks[m].view_as(pool[m].targets).float() / n_pool])
             lw = reference(inputs, tgts)
-            if all_reduce_sum([float((~torch.isfinite(lw.detach()) & (tgts != IGNORE_INDEX)).sum())])[0]:
+            if all_reduce_sum([_non_finite([lw], [tgts != IGNORE_INDEX])])[0]:
                 if m > 0:  # earlier micro-batches' gradients are accumulated: no clean way back
                     raise NonFiniteAbort(f"non-finite reference loss in micro-batch {m} of a reference step "
                                          "with gradient accumulation; lower optim.lr or check data.target")
@@ -288,9 +289,9 @@ class BladeStep:
         return all_reduce_sum([logged])[0]
 
 
-def _non_finite(losses: list[torch.Tensor], mbs: list[MicroBatch]) -> float:
-    """Valid positions of this rank whose loss is NaN or infinite."""
-    return sum(float((~torch.isfinite(lu.detach()) & mb.valid).sum()) for lu, mb in zip(losses, mbs))
+def _non_finite(values: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
+    """This rank's positions inside `masks` whose value (a loss, a score) is NaN or infinite."""
+    return sum(float((~torch.isfinite(v.detach()) & m.view_as(v)).sum()) for v, m in zip(values, masks))
 
 
 def _float(x) -> float:
