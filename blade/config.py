@@ -65,7 +65,7 @@ class TrainConfig:
     grad_accum: int = 1                # micro-batches per optimizer step
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_interval: int = 50            # 0 = never
-    eval_batches: int = 4              # micro-batches of the val stream per evaluation
+    eval_sequences: int = 0            # sequences of data.val per evaluation (the first ones); 0 = all
     max_wall_time_s: float = 0.0       # stop (checkpoint, exit 75) before this much wall time; 0 = off
     max_nonfinite_steps: int = 5       # abort after this many non-finite (skipped) steps in a row
 
@@ -250,6 +250,12 @@ def _check(name: str, value, tp):
     return value
 
 
+_RENAMED = {  # keys of earlier versions -> what replaced them
+    "train.eval_batches": "use train.eval_sequences, the number of data.val sequences per evaluation "
+                          "(the same set on any world size; 0 = all)",
+}
+
+
 def _section(name: str, cls, raw) -> object:
     if raw is None:  # a section header with every key commented out
         raw = {}
@@ -258,6 +264,8 @@ def _section(name: str, cls, raw) -> object:
                           f"got {raw!r} ({type(raw).__name__})")
     hints = get_type_hints(cls)
     for key in raw:
+        if f"{name}.{key}" in _RENAMED:
+            raise ConfigError(f"config error: {name}.{key} is gone: {_RENAMED[f'{name}.{key}']}")
         if key not in hints:
             raise _unknown("key", str(key), list(hints), prefix=f"{name}.")
     return cls(**{k: _check(f"{name}.{k}", v, hints[k]) for k, v in raw.items()})
@@ -291,7 +299,7 @@ _RANGES = {
     "model.dropout": "in [0, 1)", "model.init_std": "> 0", "model.loss_chunk_tokens": ">= 1",
     "data.num_workers": ">= 0",
     "train.steps": ">= 1", "train.seed": ">= 0", "train.micro_batch_size": ">= 1",
-    "train.grad_accum": ">= 1", "train.eval_interval": ">= 0", "train.eval_batches": ">= 1",
+    "train.grad_accum": ">= 1", "train.eval_interval": ">= 0", "train.eval_sequences": ">= 0",
     "train.max_wall_time_s": ">= 0", "train.max_nonfinite_steps": ">= 1",
     "optim.lr": "> 0", "optim.min_lr_ratio": "in [0, 1]", "optim.warmup_steps": ">= 0",
     "optim.weight_decay": ">= 0", "optim.beta1": "in [0, 1)", "optim.beta2": "in [0, 1)",

@@ -29,7 +29,7 @@ from tests.dist_harness import free_port, run_distributed
 STEPS = 8
 # blade syncs at steps 0, 3, 6 (K = 2 reference steps); evaluation after steps 3 and 7
 COMMON = (f"train.steps={STEPS}", "selection.tau=3", "selection.k_ref_steps=2", "selection.rho1_ref_steps=2",
-          "model.dropout=0.1", "train.eval_interval=4", "train.eval_batches=2", "checkpoint.keep_last_n=10",
+          "model.dropout=0.1", "train.eval_interval=4", "train.eval_sequences=16", "checkpoint.keep_last_n=10",
           "dist.timeout_s=20")
 INTERVAL = "checkpoint.interval=4"
 

@@ -138,7 +138,7 @@ def test_type_coercions_that_are_allowed():
     ("train.micro_batch_size=0", "train.micro_batch_size must be >= 1, got 0"),
     ("train.grad_accum=0", "train.grad_accum must be >= 1, got 0"),
     ("train.eval_interval=-1", "train.eval_interval must be >= 0, got -1"),
-    ("train.eval_batches=0", "train.eval_batches must be >= 1, got 0"),
+    ("train.eval_sequences=-1", "train.eval_sequences must be >= 0, got -1"),
     ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
     ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1], got 1.5"),
     ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0, got -1"),

@@ -34,7 +34,7 @@ def test_blade_continues_from_the_imported_model(tmp_path):
         "run": {"dir": str(tmp_path / "run")},
         "model": {"init_from": SMOL, "max_seq_len": 64},   # the shape comes from the checkpoint
         "data": {k: str(tmp_path / "data" / k) for k in ("train", "target", "val")},
-        "train": {"steps": 3, "micro_batch_size": 2, "eval_interval": 3, "eval_batches": 1},
+        "train": {"steps": 3, "micro_batch_size": 2, "eval_interval": 3, "eval_sequences": 4},
         "optim": {"lr": 1e-5, "warmup_steps": 0},
         "selection": {"strategy": "blade", "tau": 2, "k_ref_steps": 1, "diag_interval": 0},
         "logging": {"wandb": "off", "progress": False},

@@ -170,10 +170,22 @@ def test_resume_on_other_data_is_refused(data_dir, tmp_path):
 
 def test_eval_batches_are_fixed_and_unshuffled(data_dir):
     ds = ShardDataset(data_dir)
-    first = eval_batches(ds, micro=2, world=2, rank=1, n=13)
-    assert ids(first) == [i % N for q in range(13) for i in (4 * q + 2, 4 * q + 3)]
-    again = eval_batches(ds, micro=2, world=2, rank=1, n=13)
+    first = eval_batches(ds, micro=2, world=2, rank=1, sequences=26)
+    # rank 1 reads rows 2, 3 of every 4; global rows 26, 27 of the last batch are padding (sequence 25)
+    assert ids(first) == [i for q in range(6) for i in (4 * q + 2, 4 * q + 3)] + [25, 25]
+    assert [v for b in first for v in b["valid"].tolist()][-2:] == [False, False]
+    again = eval_batches(ds, micro=2, world=2, rank=1, sequences=26)
     assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(first, again))
+
+
+@pytest.mark.parametrize("world,micro", [(1, 1), (1, 8), (2, 3), (4, 2), (3, 5)])
+@pytest.mark.parametrize("sequences", [0, 17])
+def test_eval_set_is_the_same_on_any_world_size_and_micro_batch(data_dir, world, micro, sequences):
+    ds = ShardDataset(data_dir)
+    per_rank = [eval_batches(ds, micro, world, r, sequences) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # the same number of micro-batches on every rank
+    seen = [int(i) for batches in per_rank for b in batches for i, v in zip(b["index"], b["valid"]) if v]
+    assert sorted(seen) == list(range(sequences or N))  # each sequence once, none twice
 
 
 def member(path, name):

@@ -49,6 +49,23 @@ def test_two_ranks_equal_one_process_full(tmp_path, builtin_data):
     assert os.path.exists(tmp_path / "two" / "config.yaml")
 
 
+def _val_loss(rank, world, overrides):
+    from blade.config import load_config
+    from blade.runtime.dist import World
+    from blade.train.loop import Trainer
+
+    return Trainer(load_config(TINY, overrides), World(rank, world, rank, "cpu")).evaluate(0)
+
+
+def test_val_loss_is_the_same_on_any_world_size_and_micro_batch(tmp_path, builtin_data):
+    """The validation set is every sequence of data.val once, whatever the batch layout."""
+    losses = [run_distributed(_val_loss, world, deepspeed=True, args=(tiny_overrides(
+        builtin_data, str(tmp_path / f"w{world}m{micro}"), "selection.strategy=full",
+        f"train.micro_batch_size={micro}", "train.eval_sequences=0"),))[0]
+        for world, micro in ((1, 8), (2, 3), (4, 2))]
+    assert losses[0] > 1.0 and losses[1:] == pytest.approx(losses[:1] * 2, rel=1e-6)
+
+
 def test_zero_stages_agree(tmp_path, builtin_data):
     losses = {}
     for stage in (0, 1, 2, 3):

@@ -332,7 +332,20 @@ class DataStream:
         self._position, self._batches = int(state["position"]), None  # drops prefetched batches
 
 
-def eval_batches(ds: ShardDataset, micro: int, world: int, rank: int, n: int) -> list[dict]:
-    """A fixed list of n unshuffled micro-batches for this rank (the same on every call)."""
+def eval_batches(ds: ShardDataset, micro: int, world: int, rank: int, sequences: int = 0) -> list[dict]:
+    """This rank's share of the validation set: the first `sequences` (0 = all) of `ds` in canonical
+    order, each read by exactly one rank, in micro-batches of `micro`.
+
+    The set does not depend on world size, micro-batch or accumulation: global batch q holds sequences
+    [q*micro*world, (q+1)*micro*world), rank r its r-th block of `micro`. Every rank gets the same number
+    of micro-batches (stop checks are collectives); rows past the end are padding with valid=False.
+    """
+    n = len(ds) if sequences <= 0 else min(sequences, len(ds))
     order = GlobalOrder(ds.shard_sizes, seed=0, shuffle=False)
-    return [_micro_batch(ds, order, batch_positions(0, q, micro, world, rank)) for q in range(n)]
+    out = []
+    for q in range(-(-n // (micro * world))):
+        positions = batch_positions(0, q, micro, world, rank)
+        batch = _micro_batch(ds, order, [min(p, n - 1) for p in positions])
+        batch["valid"] &= torch.tensor([p < n for p in positions])
+        out.append(batch)
+    return out

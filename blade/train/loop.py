@@ -113,12 +113,13 @@ class Trainer:
         return self.engines.proxy
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, step: int) -> None:
+    def evaluate(self, step: int) -> float | None:
+        """Mean loss per token of data.val (sum over tokens / global token count), logged and returned."""
         if "val" not in self.datasets:
-            return
-        t, total = self.cfg.train, [0.0, 0.0]
+            return None
+        t, total = self.cfg.train, [0.0, 0.0]  # the same sequences on any world size (reader.eval_batches)
         for b, batch in enumerate(eval_batches(self.datasets["val"], t.micro_batch_size, self.world.world_size,
-                                               self.world.rank, t.eval_batches)):
+                                               self.world.rank, t.eval_sequences)):
             self.check_stop("eval_batch", step, b)
             mb = to_micro_batch(batch, self.world.device)
             lu = engines.per_token_loss(self.proxy, mb.inputs, mb.targets, grad=False)
@@ -126,8 +127,10 @@ class Trainer:
             total[1] += float(mb.valid.sum())
         loss_sum, count = all_reduce_sum(total)
         c = self.counters
-        self.log.log({"kind": "eval", "step": step, "val_loss": loss_sum / max(count, 1),
+        val_loss = loss_sum / max(count, 1)
+        self.log.log({"kind": "eval", "step": step, "val_loss": val_loss,
                       "val_tokens": int(count), "tokens_seen": c.tokens_seen, "tokens_trained": c.tokens_trained})
+        return val_loss
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
