@@ -40,13 +40,14 @@ def cmd_prepare(args) -> None:
         prepare_splits({name: [os.path.join(raw, f"{src}.jsonl")] for name, src in
                         (("train", "pool"), ("target", "target"), ("val", "val"))},
                        args.builtin, seq_len=args.seq_len, vocab_size=args.vocab_size,
-                       tokenizer=args.tokenizer)
+                       tokenizer=args.tokenizer, workers=args.workers)
         print(f"prepared the built-in corpus in {args.builtin}/{{train,target,val}}")
         return
     if not args.inputs or not args.out:
         raise BladeError("prepare needs INPUT files and --out DIR (or --builtin DIR)")
     manifest = prepare(args.inputs, args.out, seq_len=args.seq_len, tokenizer=args.tokenizer,
-                       vocab_size=args.vocab_size, shard_sequences=args.shard_sequences)
+                       vocab_size=args.vocab_size, shard_sequences=args.shard_sequences, seed=args.seed,
+                       mix=not args.no_mix, workers=args.workers)
     print(f"wrote {manifest['num_sequences']} sequences in {len(manifest['shards'])} shards to {args.out}")
 
 
@@ -201,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--vocab-size", type=int, default=2048)
     pp.add_argument("--seq-len", type=int, default=128)
     pp.add_argument("--shard-sequences", type=int, default=512)
-    pp.add_argument("--seed", type=int, default=0, help="built-in corpus / recipe seed")
+    pp.add_argument("--seed", type=int, default=0, help="seed of the document mix, the tokenizer "
+                    "training, the built-in corpus and the recipe")
+    pp.add_argument("--no-mix", action="store_true", help="keep the documents in input order (e.g. a "
+                    "curriculum); by default all inputs' documents are shuffled together before packing")
+    pp.add_argument("--workers", type=int, help="tokenizer processes (default: one per core); the "
+                    "output is byte-identical for any number")
     pp.add_argument("--scale", type=float, default=1.0, help="built-in corpus size multiplier")
     pp.set_defaults(func=cmd_prepare)
 

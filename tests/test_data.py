@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from blade.data.prepare import FORMAT, _ShardWriter
 from blade.data.reader import (
     DataStream,
     GlobalOrder,
@@ -20,6 +19,7 @@ from blade.data.reader import (
     batch_positions,
     eval_batches,
 )
+from blade.data.shards import FORMAT, KEY, sha256_file, write_shard
 from blade.errors import DataError
 
 N, PER_SHARD, SEQ = 48, 10, 8  # shards of 10, 10, 10, 10, 8 samples
@@ -28,15 +28,17 @@ BAD = "shard-000001.tar"       # holds samples 10..19
 
 def make_dataset(root, n=N, per_shard=PER_SHARD, seq_len=SEQ):
     root.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(str(root), per_shard)
-    for i in range(n):
-        row = np.ones(seq_len + 1, np.int64)
-        writer.add((i + np.arange(seq_len + 1)).astype(np.int32), (row * i % 3).astype(np.int16),
-                   (row * i % 2).astype(np.uint8))
+    shards = []
+    for first in range(0, n, per_shard):
+        rows = np.arange(first, min(first + per_shard, n))
+        name = f"shard-{len(shards):06d}.tar"
+        tokens = (rows[:, None] + np.arange(seq_len + 1)).astype(np.uint16)
+        write_shard(str(root / name), tokens, np.repeat(rows[:, None] % 3, seq_len + 1, 1),
+                    np.repeat(rows[:, None] % 2, seq_len + 1, 1))
+        shards.append({"name": name, "sequences": len(rows), "sha256": sha256_file(str(root / name))})
     manifest = {"format": FORMAT, "seq_len": seq_len, "vocab_size": 1000,
                 "tokenizer": {"file": "tokenizer.model", "sha256": "0" * 64},
-                "sources": ["a", "b", "c"], "labels": ["noise"], "shards": writer.close(),
-                "num_sequences": n}
+                "sources": ["a", "b", "c"], "labels": ["noise"], "shards": shards, "num_sequences": n}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return str(root)
 
@@ -210,13 +212,14 @@ def break_shard(root, how):
     elif how == "truncated_shard":
         shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 3])
     elif how == "corrupt_header":
-        overwrite(shard, member(shard, "000000013.labels.npy").offset + 100, b"garbage!")
+        overwrite(shard, member(shard, f"{KEY}.labels.npy").offset + 100, b"garbage!")
     elif how == "count_mismatch":
         manifest = json.loads((root / "manifest.json").read_text())
         manifest["shards"][1]["sequences"] = 11
         (root / "manifest.json").write_text(json.dumps(manifest))
     elif how == "corrupt_member":
-        overwrite(shard, member(shard, "000000012.tokens.npy").offset_data, b"\x00garbage")
+        indexed = ShardDataset(str(root)).shards[1]  # sample 12 is row 2 of shard 1
+        overwrite(shard, indexed.data_offset + 2 * indexed.row_bytes + 4, b"\x00garbage")
 
 
 OPEN_ERRORS = {
@@ -237,14 +240,21 @@ def test_bad_data_is_a_one_line_error_naming_the_shard(copy, how):
     assert OPEN_ERRORS[how] in str(e.value) and "\n" not in str(e.value)
 
 
+def test_shards_of_the_old_format_are_refused_with_the_fix(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "blade-shards/1"}))
+    with pytest.raises(DataError, match="holds blade-shards/1 shards .*re-run `blade prepare`"):
+        ShardDataset(str(copy))
+
+
 def test_corrupt_member_and_foreign_token_ids_fail_at_read_naming_shard_and_sample(copy, data_dir):
     with pytest.raises(DataError, match=f"token id 27 >= vocab_size 20 in shard .*{BAD} sample "
-                                        "000000019: the data was tokenized with a different"):
+                                        "19: the data was tokenized with a different"):
         ShardDataset(data_dir, vocab_size=20)[19]
     break_shard(copy, "corrupt_member")
     ds = ShardDataset(str(copy))  # headers are fine: found when the sample is read
     assert ds[11]["valid"]
-    with pytest.raises(DataError, match=f"shard .*{BAD} sample 000000012 is corrupt"):
+    with pytest.raises(DataError, match=rf"shard .*{BAD} sample 12 \(its row 2\) is corrupt \(checksum mismatch\)"):
         ds[12]
 
 
@@ -262,7 +272,7 @@ def test_skip_excludes_a_bad_shard_with_counts(copy, data_dir, how):
 def test_skip_masks_a_corrupt_sample_without_shifting_positions(copy, data_dir):
     break_shard(copy, "corrupt_member")
     ds = ShardDataset(str(copy), on_bad_shard="skip")
-    with pytest.warns(UserWarning, match=f"masking: shard .*{BAD} sample 000000012"):
+    with pytest.warns(UserWarning, match=f"masking: shard .*{BAD} sample 12 "):
         item = ds[12]
     assert not item["valid"] and not item["tokens"].any() and ds.skipped_sequences == 1
     ds[12]

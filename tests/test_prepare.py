@@ -22,10 +22,14 @@ def prepared(corpus, tok_model, tmp_path_factory):
     return out, prepare(corpus, str(out), seq_len=SEQ, tokenizer=tok_model, shard_sequences=16)
 
 
-def expected_stream(paths, tok, source_names, label_names):
-    """The packed stream rebuilt without blade.prepare: token, source and label id per token."""
+def expected_stream(paths, tok, source_names, label_names, mix=True, seed=0):
+    """The packed stream rebuilt without blade.prepare: token, source and label id per token. The
+    documents of all inputs (those with text) are in the order of default_rng(seed).permutation."""
+    docs = [d for d in corpus_documents(paths) if d[0]]
+    if mix:
+        docs = [docs[j] for j in np.random.default_rng(seed).permutation(len(docs))]
     tokens, sources, labels = [], [], []
-    for text, source, spans in corpus_documents(paths):
+    for text, source, spans in docs:
         ids = tok.encode(text)
         lab = [0] * len(ids)
         if spans:  # ASCII text: token k covers text[len(decode(ids[:k])):len(decode(ids[:k + 1]))]
@@ -53,12 +57,10 @@ def test_round_trip_reproduces_the_packed_stream(corpus, prepared):
 
     shards = [str(out / s["name"]) for s in m["shards"]]  # a plain webdataset reader reads them
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode())
-    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(n)]
-    dtypes = (np.int32, np.int16, np.uint8)
-    for key, dtype, expected in zip(("tokens", "sources", "labels"), dtypes, want):
-        got = np.stack([s[f"{key}.npy"] for s in samples])
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(got, expected)
+    assert [s["__key__"] for s in samples] == ["shard"] * len(shards)
+    tokens = np.concatenate([s["tokens.npy"] for s in samples])
+    assert tokens.dtype == np.uint16
+    np.testing.assert_array_equal(tokens, want[0])
 
     ds = ShardDataset(str(out))
     assert len(ds) == n and ds.seq_len == SEQ and ds.source_names == m["sources"]
@@ -73,7 +75,7 @@ def test_manifest_counts_and_checksums(corpus, tok_model, prepared):
     out, m = prepared
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == m
-    assert m["format"] == "blade-shards/1" and m["seq_len"] == SEQ
+    assert m["format"] == "blade-shards/2" and m["seq_len"] == SEQ and m["mixed"]
     tok = Tokenizer(tok_model)
     assert m["vocab_size"] == tok.vocab_size
     assert m["tokenizer"] == {"file": "tokenizer.model", "sha256": tok.fingerprint}
@@ -93,6 +95,25 @@ def test_manifest_counts_and_checksums(corpus, tok_model, prepared):
     src, lab = Counter(sources[:kept].tolist()), Counter(labels[:kept].tolist())
     assert m["tokens_per_source"] == {name: src[i] for i, name in enumerate(m["sources"])}
     assert m["label_token_counts"] == {name: lab[i + 1] for i, name in enumerate(m["labels"])}
+
+
+def test_keep_order_packs_the_inputs_as_given(corpus, tok_model, tmp_path):
+    m = prepare(corpus, str(tmp_path), seq_len=SEQ, tokenizer=tok_model, mix=False)
+    tok = Tokenizer(tok_model)
+    stream = expected_stream(corpus, tok, m["sources"], m["labels"], mix=False)
+    ds = ShardDataset(str(tmp_path))
+    got = np.concatenate([ds[0]["tokens"]] + [ds[i]["tokens"][1:] for i in range(1, len(ds))])
+    np.testing.assert_array_equal(got, stream[0][:len(got)])
+    assert not m["mixed"]
+
+
+def test_workers_give_byte_identical_shards(corpus, tok_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("blade.data.prepare.DOCS_PER_TASK", 3)  # several tasks even for this corpus
+    one = prepare(corpus, str(tmp_path / "one"), seq_len=SEQ, tokenizer=tok_model, workers=1)
+    two = prepare(corpus, str(tmp_path / "two"), seq_len=SEQ, tokenizer=tok_model, workers=2)
+    assert one == two and len(one["shards"]) >= 1
+    for s in one["shards"]:
+        assert (tmp_path / "one" / s["name"]).read_bytes() == (tmp_path / "two" / s["name"]).read_bytes()
 
 
 def test_label_covers_exactly_the_overlapping_tokens(tok_model, tmp_path):
@@ -161,3 +182,37 @@ def test_bad_inputs_raise_one_line_data_errors(name, tok_model, tmp_path):
         prepare([str(tmp_path / name)], str(tmp_path / "out"), seq_len=seq_len, tokenizer=tok_model)
     assert fragment in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _batch_shares(out, sources, world=2, micro=8):
+    """Per global batch (micro x world sequences), the share of each source's tokens."""
+    from blade.data.reader import DataStream
+
+    ds = ShardDataset(out)
+    streams = [DataStream(ds, 0, True, micro, world, r, 1) for r in range(world)]
+    shares = []
+    for _ in range(len(ds) // (micro * world)):
+        ids = np.concatenate([s.next_step()[0]["sources"][:, 1:].reshape(-1).numpy() for s in streams])
+        shares.append(np.bincount(ids, minlength=len(sources))[:len(sources)] / ids.size)
+    return np.array(shares)
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_inputs_given_in_source_order_give_mixed_batches(tok_model, tmp_path, mix):
+    """Four inputs, one source each, given one after the other: every global batch holds each source at
+    its corpus share up to 4 standard errors; without mixing they do not. Documents are the sampling
+    unit: a batch of T tokens holds about T / (mean tokens per document) of them."""
+    rng = np.random.default_rng(1)
+    words = "the data cache server node file build test user query log".split()
+    inputs = []
+    for k, name in enumerate(("web", "code", "books", "forum")):
+        docs = [{"text": " ".join(rng.choice(words, rng.integers(2, 12))), "source": name}
+                for _ in range(100 + 60 * k)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+        inputs.append(str(tmp_path / f"{name}.jsonl"))
+    m = prepare(inputs, str(tmp_path / "out"), seq_len=16, tokenizer=tok_model, shard_sequences=32, mix=mix)
+    corpus = np.array([m["tokens_per_source"][s] for s in m["sources"]]) / sum(m["tokens_per_source"].values())
+    shares = _batch_shares(str(tmp_path / "out"), m["sources"])
+    docs_per_batch = 16 * 16 / ((m["num_sequences"] * 16 + 1) / m["documents"])
+    within = np.abs(shares - corpus) <= 4 * np.sqrt(corpus * (1 - corpus) / docs_per_batch)
+    assert len(shares) >= 10 and within.all() == mix

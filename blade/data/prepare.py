@@ -1,27 +1,27 @@
-"""`blade prepare`: text (JSONL / .txt) -> tokenized, packed webdataset shards + manifest.json.
+"""`blade prepare`: text (JSONL / .txt) -> tokenized, packed shards (blade/data/shards.py) + manifest.json.
 
-Every document is tokenized and followed by EOS; the documents are concatenated into one stream and
-cut into samples of seq_len + 1 tokens with stride seq_len, so consecutive samples share one token
-and every stream token after the first is a prediction target exactly once. The final partial
-sample is dropped (`dropped_tail_tokens`). Each token also carries its document's source id and a
-label id (0 = unlabelled, else 1 + index into the manifest's `labels`).
-
-Shard layout (one webdataset sample per sequence, key = global sample index "%09d"):
-    shard-000000.tar: 000000000.tokens.npy (int32) .sources.npy (int16) .labels.npy (uint8), ...
+The documents of a split, from however many inputs in whatever order, are first shuffled together
+(seeded; `mix=False` keeps the input order, e.g. for a curriculum), so that any run of sequences holds
+the sources in their corpus shares: token selection can only choose between sources a batch contains.
+Every document is tokenized (by `workers` processes; the output is byte-identical for any number) and
+followed by EOS; the documents are concatenated into one stream and cut into samples of seq_len + 1
+tokens with stride seq_len, so consecutive samples share one token and every stream token after the
+first is a prediction target exactly once. The final partial sample is dropped (`dropped_tail_tokens`).
+Each token also carries its document's source id and a label id (0 = unlabelled, else 1 + index into
+the manifest's `labels`).
 """
 from __future__ import annotations
 
 import glob
-import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 
 from blade.data.tokenizer import (
     HF_TOKENIZER_CONFIG,
@@ -30,11 +30,11 @@ from blade.data.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
+from blade.data.shards import FORMAT, MAX_LABELS, MAX_SOURCES, ShardPacker, token_dtype
 from blade.errors import DataError
 
-FORMAT = "blade-shards/1"
 TOKENIZER_FILE = "tokenizer.model"
-MAX_SOURCES, MAX_LABELS = 1 << 15, 255  # ids stored as int16 / uint8 (label 0 = unlabelled)
+DOCS_PER_TASK = 256  # documents a tokenizer worker handles per task
 
 
 @dataclass
@@ -80,25 +80,72 @@ def _jsonl_document(line: str, where: str, stem: str) -> Document:
     return Document(text, source, [tuple(s) for s in labels])
 
 
-def read_documents(path: str) -> Iterator[Document]:
-    """Documents of one input: a JSONL file (one object per line) or a .txt file (one document)."""
-    _check_input(path)
-    stem, found = Path(path).stem, 0
+def _parse(raw: bytes, path: str, lineno: int) -> Document:
+    """One document from the bytes of a JSONL line or of a whole .txt file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".txt"):
-                docs = [Document(f.read(), stem, [])]
-            else:
-                docs = (_jsonl_document(line, f"{path}:{lineno}", stem)
-                        for lineno, line in enumerate(f, 1) if line.strip())
-            for doc in docs:
-                if doc.text:
-                    found += 1
-                    yield doc
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"input {path} is not UTF-8 text: re-encode it as UTF-8") from None
-    if not found:
+    if path.endswith(".txt"):
+        return Document(text, Path(path).stem, [])
+    return _jsonl_document(text, f"{path}:{lineno}", Path(path).stem)
+
+
+def _document_at(f, path: str, offset: int, lineno: int) -> Document:
+    f.seek(offset)
+    return _parse(f.read() if path.endswith(".txt") else f.readline(), path, lineno)
+
+
+def _index_input(path: str) -> tuple[list[int], list[int]]:
+    """Byte offsets and line numbers of the documents with text in one input (every line is parsed: a
+    bad one fails here, before any tokenizing)."""
+    _check_input(path)
+    offsets, linenos = [], []
+    with open(path, "rb") as f:
+        lines = [f.read()] if path.endswith(".txt") else f
+        offset = 0
+        for lineno, line in enumerate(lines, 1):
+            if line.strip() and _parse(line, path, lineno).text:
+                offsets.append(offset)
+                linenos.append(lineno)
+            offset += len(line)
+    if not offsets:
         raise DataError(f"input {path} holds no documents with text: remove it or fill it")
+    return offsets, linenos
+
+
+@dataclass
+class _DocIndex:
+    """Where each document of a split is: its input, the byte offset of its line, its line number."""
+    inputs: list[str]
+    which: np.ndarray
+    offset: np.ndarray
+    lineno: np.ndarray
+
+    @classmethod
+    def build(cls, inputs: list[str]) -> "_DocIndex":
+        parts = [_index_input(p) for p in inputs]
+        which = np.concatenate([np.full(len(o), n, np.int32) for n, (o, _) in enumerate(parts)])
+        return cls(list(inputs), which, np.concatenate([np.array(o, np.int64) for o, _ in parts]),
+                   np.concatenate([np.array(ln, np.int64) for _, ln in parts]))
+
+    def documents(self, order: np.ndarray) -> Iterator[Document]:
+        handles = {}
+        try:
+            for j in order:
+                path = self.inputs[self.which[j]]
+                if path not in handles:
+                    handles[path] = open(path, "rb")
+                yield _document_at(handles[path], path, int(self.offset[j]), int(self.lineno[j]))
+        finally:
+            for f in handles.values():
+                f.close()
+
+
+def read_documents(path: str) -> Iterator[Document]:
+    """Documents of one input: a JSONL file (one object per line) or a .txt file (one document)."""
+    index = _DocIndex.build([path])
+    return index.documents(np.arange(len(index.which)))
 
 
 def iter_documents(inputs: Iterable[str]) -> Iterator[Document]:
@@ -124,82 +171,62 @@ class _Names:
         return list(self.ids)
 
 
-def _tokenize(doc: Document, tok: Tokenizer, sources: _Names, labels: _Names):
-    """Token ids + EOS, with per-token source and label ids. Later spans win where spans overlap."""
+def _tokenize(doc: Document, tok: Tokenizer):
+    """Token ids + EOS, the source name, the document's label names, and per token 1 + the index of
+    its label in those names (0 = unlabelled). Later spans win where spans overlap."""
     ids, spans = tok.encode_with_offsets(doc.text)
     begins = np.array([b for b, _ in spans], dtype=np.int64)
     ends = np.array([e for _, e in spans], dtype=np.int64)
+    names = list(dict.fromkeys(name for _, _, name in doc.labels))
+    if len(names) > MAX_LABELS:
+        raise DataError(f"a document of source {doc.source!r} has more than {MAX_LABELS} distinct label "
+                        "names: merge label names")
     lab = np.zeros(len(ids) + 1, dtype=np.uint8)
     for start, end, name in doc.labels:  # a token is labelled if any of its characters is inside
-        lab[:-1][(begins < end) & (ends > start)] = 1 + labels.id(name)
-    src = np.full(len(ids) + 1, sources.id(doc.source), dtype=np.int16)
-    return np.array(ids + [tok.eos_id], dtype=np.int32), src, lab
+        lab[:-1][(begins < end) & (ends > start)] = 1 + names.index(name)
+    return np.array(ids + [tok.eos_id], dtype=np.int32), doc.source, names, lab
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _tokenize_task(start: int, tok, index: _DocIndex, order: np.ndarray) -> list:
+    return [_tokenize(doc, tok) for doc in index.documents(order[start:start + DOCS_PER_TASK])]
 
 
-class _ShardWriter:
-    """Writes samples into shard-%06d.tar files of `per_shard` samples each (reproducible bytes)."""
-
-    def __init__(self, out_dir: str, per_shard: int):
-        self.out_dir, self.per_shard = out_dir, per_shard
-        self.count, self.shards, self.writer = 0, [], None
-
-    def add(self, tokens, sources, labels) -> None:
-        if self.count % self.per_shard == 0:
-            self._finish()
-            name = f"shard-{len(self.shards):06d}.tar"
-            self.shards.append({"name": name})
-            self.writer = wds.TarWriter(os.path.join(self.out_dir, name), mtime=0)
-        self.writer.write({"__key__": f"{self.count:09d}", "tokens.npy": tokens,
-                           "sources.npy": sources, "labels.npy": labels})
-        self.count += 1
-
-    def _finish(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            shard = self.shards[-1]
-            path = os.path.join(self.out_dir, shard["name"])
-            sequences = self.count - (len(self.shards) - 1) * self.per_shard
-            shard.update(sequences=sequences, sha256=sha256_file(path), bytes=os.path.getsize(path))
-            self.writer = None
-
-    def close(self) -> list[dict]:
-        self._finish()
-        return self.shards
+_WORKER_ARGS: tuple = ()
 
 
-def _write_split(docs: Iterable[Document], out_dir: str, seq_len: int, tok: Tokenizer,
-                 sources: _Names, labels: _Names, shard_sequences: int) -> dict:
-    """Pack one split into shards; returns the manifest fields that depend on this split alone."""
-    writer = _ShardWriter(out_dir, shard_sequences)
-    buf = [np.zeros(0, np.int32), np.zeros(0, np.int16), np.zeros(0, np.uint8)]
-    src_counts, lab_counts = np.zeros(MAX_SOURCES, np.int64), np.zeros(MAX_LABELS + 1, np.int64)
+def _init_worker(*args) -> None:
+    global _WORKER_ARGS
+    _WORKER_ARGS = args
 
-    def count(n: int) -> None:  # tokens leaving the buffer are part of the kept stream
-        src_counts[:] += np.bincount(buf[1][:n], minlength=src_counts.size)
-        lab_counts[:] += np.bincount(buf[2][:n], minlength=lab_counts.size)
 
-    for doc in docs:
-        buf = [np.concatenate([b, x]) for b, x in zip(buf, _tokenize(doc, tok, sources, labels))]
-        n = (len(buf[0]) - 1) // seq_len
-        for i in range(n):
-            writer.add(*(b[i * seq_len:i * seq_len + seq_len + 1] for b in buf))
-        count(n * seq_len)
-        buf = [b[n * seq_len:] for b in buf]
-    shards = writer.close()
-    if not writer.count:
-        raise DataError(f"the inputs for {out_dir} hold only {len(buf[0])} tokens, fewer than one "
-                        f"sample of seq_len + 1 = {seq_len + 1}: add text or lower seq_len")
-    count(1)  # the last sample's final token
-    return {"shards": shards, "num_sequences": writer.count, "src_counts": src_counts,
-            "lab_counts": lab_counts, "dropped_tail_tokens": len(buf[0]) - 1}
+def _pool_task(start: int) -> list:
+    return _tokenize_task(start, *_WORKER_ARGS)
+
+
+def _tokenized(index: _DocIndex, order: np.ndarray, tok, workers: int) -> Iterator[tuple]:
+    """_tokenize of every document in `order`, in that order, from `workers` processes."""
+    starts = range(0, len(order), DOCS_PER_TASK)
+    if workers <= 1 or len(starts) <= 1:
+        results = (_tokenize_task(s, tok, index, order) for s in starts)
+        yield from itertools.chain.from_iterable(results)
+        return
+    # fork: the tokenizer and the index reach the workers without pickling; results come back in order
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tok, index, order)) as pool:
+        for docs in pool.imap(_pool_task, starts):
+            yield from docs
+
+
+def _write_split(inputs: list[str], out_dir: str, seq_len: int, tok: Tokenizer, sources: _Names,
+                 labels: _Names, shard_sequences: int, seed: int, mix: bool, workers: int) -> dict:
+    """Index, mix, tokenize and pack one split."""
+    index = _DocIndex.build(inputs)
+    n = len(index.which)
+    order = np.random.default_rng(seed).permutation(n) if mix else np.arange(n)
+    packer = ShardPacker(out_dir, seq_len, shard_sequences, token_dtype(tok.vocab_size))
+    for tokens, source, names, lab in _tokenized(index, order, tok, workers):
+        lut = np.array([0] + [1 + labels.id(name) for name in names], dtype=np.uint8)
+        packer.add(tokens, sources.id(source), lut[lab])
+    return {**packer.close(), "documents": n}
 
 
 def _save_tokenizer(tok, out_dir: str) -> None:
@@ -213,7 +240,11 @@ def _save_tokenizer(tok, out_dir: str) -> None:
 
 
 def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: str | None,
-             vocab_size: int, shard_sequences: int, seed: int) -> dict[str, dict]:
+             vocab_size: int, shard_sequences: int, seed: int, mix: bool,
+             workers: int | None) -> dict[str, dict]:
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
+    if workers < 1:
+        raise DataError(f"workers {workers} must be >= 1 (or left out: one per core)")
     if seq_len < 2:
         raise DataError(f"seq_len {seq_len} is too small: use seq_len >= 2")
     if shard_sequences < 1:
@@ -241,15 +272,15 @@ def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: 
                 os.remove(stale)
         if os.path.abspath(d) != os.path.abspath(tok_dir):
             _save_tokenizer(tok, d)
-        splits[d] = _write_split(iter_documents(inputs), d, seq_len, tok, sources, labels,
-                                 shard_sequences)
+        splits[d] = _write_split(inputs, d, seq_len, tok, sources, labels, shard_sequences, seed, mix,
+                                 workers)
     manifests = {}
     for d, s in splits.items():  # written last, with the name lists complete across all splits
         manifests[d] = {
             "format": FORMAT, "seq_len": seq_len, "vocab_size": tok.vocab_size,
             "tokenizer": {"file": tok.file_name, "sha256": tok.fingerprint},
             "sources": sources.names, "labels": labels.names, "shards": s["shards"],
-            "num_sequences": s["num_sequences"],
+            "num_sequences": s["num_sequences"], "documents": s["documents"], "mixed": mix,
             "tokens_per_source": {n: int(s["src_counts"][i]) for n, i in sources.ids.items()},
             "label_token_counts": {n: int(s["lab_counts"][i + 1]) for n, i in labels.ids.items()},
             "dropped_tail_tokens": s["dropped_tail_tokens"]}
@@ -259,8 +290,12 @@ def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: 
 
 
 def prepare(inputs: list[str], out_dir: str, seq_len: int, tokenizer: str | None = None,
-            vocab_size: int = 2048, shard_sequences: int = 512, seed: int = 0) -> dict:
+            vocab_size: int = 2048, shard_sequences: int = 512, seed: int = 0, mix: bool = True,
+            workers: int | None = None) -> dict:
     """Tokenize and pack `inputs` into `out_dir`; returns the manifest.
+
+    The documents of all inputs are shuffled together with `seed` unless `mix=False`; `workers`
+    processes tokenize (default: one per core), with byte-identical output for any number.
 
     With `tokenizer=None` a SentencePiece model of `vocab_size` is trained on the inputs; otherwise
     the given tokenizer is used (see blade.data.tokenizer.load_tokenizer): a SentencePiece `.model` ends
@@ -268,13 +303,15 @@ def prepare(inputs: list[str], out_dir: str, seq_len: int, tokenizer: str | None
     `out_dir/tokenizer.json` (+ tokenizer_config.json naming its EOS).
     """
     return _prepare({out_dir: inputs}, out_dir, seq_len, tokenizer, vocab_size, shard_sequences,
-                    seed)[out_dir]
+                    seed, mix, workers)[out_dir]
 
 
 def prepare_splits(splits: dict[str, list[str]], out_dir: str, seq_len: int,
                    vocab_size: int = 2048, tokenizer: str | None = None,
-                   shard_sequences: int = 512, seed: int = 0) -> dict[str, dict]:
-    """Prepare several datasets (e.g. train/target/val) with one tokenizer and shared name lists.
+                   shard_sequences: int = 512, seed: int = 0, mix: bool = True,
+                   workers: int | None = None) -> dict[str, dict]:
+    """Prepare several datasets (e.g. train/target/val) with one tokenizer and shared name lists
+    (`mix`, `workers`: as in `prepare`).
 
     Writes `out_dir/tokenizer.model` (trained on all splits' text unless `tokenizer` is given) and
     one self-contained dataset per split in `out_dir/<name>/`; returns {name: manifest}.
@@ -283,5 +320,6 @@ def prepare_splits(splits: dict[str, list[str]], out_dir: str, seq_len: int,
         if not name or name != os.path.basename(name) or name.startswith("."):
             raise DataError(f"split name {name!r} must be a plain directory name like 'train'")
     dirs = {os.path.join(out_dir, name): inputs for name, inputs in splits.items()}
-    manifests = _prepare(dirs, out_dir, seq_len, tokenizer, vocab_size, shard_sequences, seed)
+    manifests = _prepare(dirs, out_dir, seq_len, tokenizer, vocab_size, shard_sequences, seed, mix,
+                         workers)
     return {name: manifests[d] for name, d in zip(splits, dirs)}

@@ -9,32 +9,18 @@ splits of the same global batch.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import os
-import tarfile
 import warnings
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from blade.data.prepare import FORMAT
+from blade.data.shards import FIX, FORMAT, index_shard
 from blade.errors import DataError
 
-MEMBERS = ("tokens.npy", "sources.npy", "labels.npy")
-FIX = "re-run blade prepare, or set data.on_bad_shard=skip to train without it"
 _DECODE_ERRORS = (ValueError, OSError, EOFError)
-
-
-@dataclass
-class _Shard:
-    name: str
-    path: str
-    keys: list          # sample keys ("%09d"), in tar order
-    members: np.ndarray  # int64 [samples, len(MEMBERS), 2]: (data offset, size) of each member
 
 
 def _load_manifest(path: str) -> dict:
@@ -51,6 +37,9 @@ def _load_manifest(path: str) -> dict:
     def bad(what: str) -> DataError:
         return DataError(f"{file} is not a {FORMAT} manifest ({what}): re-run blade prepare")
 
+    if isinstance(manifest, dict) and manifest.get("format") == "blade-shards/1":
+        raise DataError(f"{path} holds blade-shards/1 shards (written by an older blade, ~28 bytes per "
+                        f"token): re-run `blade prepare` on its inputs to write the compact {FORMAT}")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise bad(f'"format" is not "{FORMAT}"')
     for key, kind in (("seq_len", int), ("vocab_size", int), ("tokenizer", dict), ("sources", list),
@@ -64,50 +53,14 @@ def _load_manifest(path: str) -> dict:
     return manifest
 
 
-def _index_shard(path: str, expected: int) -> _Shard:
-    """Scan the tar headers only (no member data) and check the shard against the manifest."""
-    if not os.path.isfile(path):
-        raise DataError(f"shard {path} is missing: {FIX}")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise DataError(f"shard {path} is empty (0 bytes): {FIX}")
-    try:
-        with tarfile.open(path, "r:") as tf:
-            entries, end = tf.getmembers(), tf.offset
-    except tarfile.TarError as e:
-        raise DataError(f"shard {path} is truncated or not a tar ({e}): {FIX}") from None
-    with open(path, "rb") as f:  # tarfile stops silently at a bad header: check the end marker
-        f.seek(end)
-        marker = f.read(2 * tarfile.BLOCKSIZE)
-    if any(m.offset_data + m.size > size for m in entries) or len(marker) < 2 * tarfile.BLOCKSIZE:
-        raise DataError(f"shard {path} is truncated (it ends at byte {size}): {FIX}")
-    if any(marker):
-        raise DataError(f"shard {path} has a corrupt tar header at byte {end}: {FIX}")
-    samples: dict[str, dict] = {}
-    for m in entries:
-        key, _, ext = os.path.basename(m.name).partition(".")
-        if not m.isfile() or ext not in MEMBERS:
-            raise DataError(f"shard {path} holds {m.name}, not a <key>.(tokens|sources|labels).npy"
-                            f" member: {FIX}")
-        samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    for key, got in samples.items():
-        if len(got) != len(MEMBERS):
-            missing = sorted(set(MEMBERS) - set(got))
-            raise DataError(f"shard {path} sample {key} lacks {', '.join(missing)}: {FIX}")
-    if len(samples) != expected:
-        raise DataError(f"shard {path} holds {len(samples)} samples but manifest.json says "
-                        f"{expected}: {FIX}")
-    members = np.array([[got[ext] for ext in MEMBERS] for got in samples.values()], dtype=np.int64)
-    return _Shard(os.path.basename(path), path, list(samples), members.reshape(-1, len(MEMBERS), 2))
-
-
 class ShardDataset:
     """Map-style view of a prepared dataset: `ds[i]` for i in canonical order (shards in manifest
     order, samples in shard order) -> numpy arrays tokens/sources/labels (int64, [seq_len + 1]) and
     `valid` (False only for a corrupt sample skipped with on_bad_shard="skip": all zeros).
 
-    Shards are checked at open (headers only). With on_bad_shard="skip" a bad shard is left out up
-    front and a corrupt member is masked at read time (same index, so positions never shift);
+    Shards are checked at open (headers, sizes, run codes: blade/data/shards.py). With on_bad_shard="skip"
+    a bad shard is left out up front and a sample whose checksum fails is masked at read time (same
+    index, so positions never shift);
     `skipped_shards` and `skipped_sequences` count both (DataStream reports the samples its
     DataLoader workers masked back into `bad_samples`).
     """
@@ -124,14 +77,14 @@ class ShardDataset:
         for entry in self.manifest["shards"]:
             try:
                 shard_path = os.path.join(path, entry["name"])
-                self.shards.append(_index_shard(shard_path, entry["sequences"]))
+                self.shards.append(index_shard(shard_path, entry["sequences"], self.seq_len))
             except DataError as e:
                 if on_bad_shard == "error":
                     raise
                 warnings.warn(f"skipping: {e}", stacklevel=2)
                 self.skipped_shards.append(entry["name"])
                 self._skipped_shard_sequences += entry["sequences"]
-        self.shard_sizes = [len(s.keys) for s in self.shards]
+        self.shard_sizes = [s.n for s in self.shards]
         self._ends = np.cumsum(self.shard_sizes)
         self.bad_samples: set[int] = set()  # indices masked at read time
         usable = {s.name for s in self.shards}
@@ -165,10 +118,10 @@ class ShardDataset:
         k = i - int(self._ends[s]) + self.shard_sizes[s]
         shard = self.shards[s]
         try:
-            arrays = self._read(shard, k)
+            arrays = shard.read(k)
         except _DECODE_ERRORS as e:
             why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-            msg = f"shard {shard.path} sample {shard.keys[k]} is corrupt ({why})"
+            msg = f"shard {shard.path} sample {i} (its row {k}) is corrupt ({why})"
             if self.on_bad_shard == "error":
                 raise DataError(f"{msg}: {FIX}") from None
             if i not in self.bad_samples:
@@ -179,26 +132,9 @@ class ShardDataset:
         top = int(arrays["tokens"].max())
         if top >= self.vocab_size:
             raise DataError(f"token id {top} >= vocab_size {self.vocab_size} in shard {shard.path} "
-                            f"sample {shard.keys[k]}: the data was tokenized with a different "
-                            "tokenizer; re-run blade prepare")
+                            f"sample {i}: the data was tokenized with a different tokenizer; "
+                            "re-run blade prepare")
         return {**arrays, "valid": True}
-
-    def _read(self, shard: _Shard, k: int) -> dict:
-        """Read one sample's members with a single ranged read (a fresh handle: fork/spawn safe)."""
-        offsets, sizes = shard.members[k, :, 0], shard.members[k, :, 1]
-        start = int(offsets.min())
-        with open(shard.path, "rb") as f:
-            f.seek(start)
-            blob = f.read(int((offsets + sizes).max()) - start)
-        out = {}
-        for ext, off, n in zip(MEMBERS, offsets - start, sizes):
-            a = np.lib.format.read_array(io.BytesIO(blob[off:off + n]), allow_pickle=False)
-            if a.shape != (self.seq_len + 1,) or a.dtype.kind not in "iu":
-                raise ValueError(f"{ext} is {a.dtype} {list(a.shape)}, not {self.seq_len + 1} ints")
-            if a.min() < 0:
-                raise ValueError(f"{ext} holds negative ids")
-            out[ext.removesuffix(".npy")] = a.astype(np.int64)
-        return out
 
 
 class GlobalOrder:

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 
-from blade.data.prepare import sha256_file
+from blade.data.shards import sha256_file
 from blade.errors import DataError
 
 APT_OPTIONS = ["-o", "APT::Sandbox::User=root", "-q"]  # root downloads into a root-owned cache
