@@ -70,7 +70,7 @@ def cmd_train(args) -> None:
     cfg = load_config(path, overrides)
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        have_data = os.path.isfile(os.path.join(cfg.data.train, "manifest.json"))
+        have_data = all(os.path.isfile(os.path.join(d, "manifest.json")) for d in cfg.data.train_dirs())
         seq_len = check_paths(cfg)["train"]["seq_len"] if have_data else cfg.model.max_seq_len
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(describe_layout(cfg, world, seq_len))

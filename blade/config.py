@@ -8,15 +8,14 @@ schema is frozen: other modules code against these names.
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from blade.config_yaml import apply_override, deep_merge, read_yaml  # noqa: F401 (deep_merge: re-exported)
 from blade.errors import ConfigError
 
 STRATEGIES = ("full", "random", "rho1", "blade")  # the baselines and BLADE, behind selection.strategy
@@ -49,12 +48,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "data/builtin/train"  # directory with manifest.json + .tar shards (training pool)
+    # training pool: a directory written by `blade prepare`, or {directory: weight, ...} to draw from
+    # several in those proportions (blade/data/mixture.py)
+    train: Union[str, dict] = "data/builtin/train"
     target: Optional[str] = "data/builtin/target"  # target set D_val the reference trains on
     val: Optional[str] = "data/builtin/val"        # held-out evaluation set
     shuffle: bool = True
     num_workers: int = 0               # dataloader worker processes per rank
     on_bad_shard: Literal["error", "skip"] = "error"
+    on_exhausted: Literal["repeat", "stop"] = "repeat"  # a training source runs out: next epoch, or end the run
+
+    def train_dirs(self) -> list[str]:
+        """The training directories: data.train, or the directories of its mixture."""
+        return list(self.train) if isinstance(self.train, dict) else [self.train]
 
 
 @dataclass
@@ -141,81 +147,6 @@ class BladeConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-# ----------------------------------------------------------------------------- YAML reading
-
-class _Loader(yaml.SafeLoader):
-    """yaml.safe_load, except that `1e-3` is a float (YAML 1.1 wants `1.0e-3` and yields a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict:
-    """Load one file, resolving `inherit:` (relative to the file) first; `chain` detects cycles."""
-    real = os.path.realpath(path)
-    if real in [os.path.realpath(p) for p in chain]:
-        raise ConfigError(f"config error: inherit cycle: {' -> '.join(chain + (path,))}")
-    if not os.path.isfile(path):
-        by = f" (inherited by '{chain[-1]}')" if chain else ""
-        raise ConfigError(f"config error: config file '{path}' not found{by}")
-    try:
-        with open(path, "rb") as f:  # bytes: YAML detects the encoding and reports bad characters
-            data = yaml.load(f, Loader=_Loader)
-    except OSError as e:
-        raise ConfigError(f"config error: cannot read config file '{path}' ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config error: invalid YAML in '{path}'{where}: {what}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config error: '{path}' must hold a mapping of sections, "
-                          f"got {type(data).__name__}")
-    parent = data.pop("inherit", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise ConfigError(f"config error: inherit in '{path}' must be a file name, got {parent!r}")
-    base = _read_yaml(os.path.join(os.path.dirname(path), parent), chain + (path,))
-    return deep_merge(base, data)
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """A new mapping: `over` merged into `base` (mappings merge key by key, anything else in `over`
-    replaces); neither input is changed. YAML `inherit:` and `deepspeed.extra` both use it."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        both = isinstance(out.get(k), dict) and isinstance(v, dict)
-        out[k] = deep_merge(out[k], v) if both else copy.deepcopy(v)
-    return out
-
-
-def _apply_override(raw: dict, override: str) -> None:
-    """`section.key=value` (value read as YAML); deeper keys reach into free-form dicts."""
-    key, eq, text = override.partition("=")
-    parts = key.strip().split(".")
-    if not eq or len(parts) < 2 or not all(parts):
-        raise ConfigError(f"config error: override '{override}' must look like key.sub=value")
-    try:
-        value = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config error: override '{override}': value is not valid YAML ({what})") \
-            from None
-    node = raw
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):  # absent, empty, or a scalar (the type check rejects)
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
 # ----------------------------------------------------------------------------- strict conversion
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -238,10 +169,17 @@ def _check(name: str, value, tp):
             raise ConfigError(f"config error: {name} must be one of {', '.join(map(str, choices))}; "
                               f"got {value!r}")
         return value
-    if get_origin(tp) is Union:  # Optional[X]
-        if value is None:
+    if get_origin(tp) is Union:  # Optional[X] or X | Y
+        if value is None and type(None) in get_args(tp):
             return None
-        tp = next(a for a in get_args(tp) if a is not type(None))
+        options = [a for a in get_args(tp) if a is not type(None)]
+        for option in options[:-1]:
+            if isinstance(value, option) and not isinstance(value, bool):
+                return value
+        tp = options[-1]
+        if len(options) > 1 and not isinstance(value, tp):
+            raise ConfigError(f"config error: {name} must be {' or '.join(_TYPE_NAMES[a] for a in options)}, "
+                              f"got {value!r} ({type(value).__name__})")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
@@ -313,6 +251,23 @@ _RANGES = {
 }
 
 
+MIN_WEIGHT = 1 / 1024  # a mixture draws in blocks of 1024 sequences (blade/data/mixture.py)
+
+
+def _check_mixture(name: str, weights: dict) -> None:
+    """{directory: weight}: at least one directory, positive numeric weights, none below MIN_WEIGHT."""
+    if not weights:
+        raise ConfigError(f"config error: {name} is an empty mapping: give a directory, or "
+                          "{directory: weight, ...}")
+    for path, w in weights.items():
+        if not isinstance(path, str) or isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
+            raise ConfigError(f"config error: {name}: {path!r}: {w!r} must be a directory name with a "
+                              "weight > 0")
+        if w / sum(weights.values()) < MIN_WEIGHT:
+            raise ConfigError(f"config error: {name}: the weight of {path} is below 1/1024 of the total: "
+                              "raise it or leave the directory out")
+
+
 def validate(cfg: BladeConfig) -> None:
     """Range and consistency checks on a typed config (the data directories: blade/data/paths.py)."""
     for name, rule in _RANGES.items():
@@ -345,6 +300,8 @@ def validate(cfg: BladeConfig) -> None:
     if m.init_from is not None and not os.path.exists(m.init_from):
         raise ConfigError(f"config error: model.init_from: no checkpoint at '{m.init_from}' (give a "
                           "Hugging Face checkpoint directory or a .gguf file)")
+    if isinstance(cfg.data.train, dict):
+        _check_mixture("data.train", cfg.data.train)
     resume = cfg.checkpoint.resume
     if resume not in ("none", "auto") and not os.path.isdir(resume):
         raise ConfigError(f"config error: checkpoint.resume: no checkpoint at '{resume}' "
@@ -355,9 +312,9 @@ def validate(cfg: BladeConfig) -> None:
 
 def load_config(path: str | None, overrides: list[str] = ()) -> BladeConfig:
     """Defaults <- YAML file (with its inherit chain) <- `section.key=value` overrides, validated."""
-    raw = _read_yaml(path) if path is not None else {}
+    raw = read_yaml(path) if path is not None else {}
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     if isinstance(raw.get("model"), dict) and raw["model"].get("init_from") is not None:
         from blade.interop.pretrained import merge_pretrained_config
 

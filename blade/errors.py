@@ -15,3 +15,7 @@ class DataError(BladeError):
 
 class CheckpointError(BladeError):
     """A checkpoint that cannot be used: incomplete, corrupt, or from an incompatible run."""
+
+
+class DataExhausted(Exception):
+    """A training dataset is used up and data.on_exhausted=stop: the loop ends the run there (not an error)."""

@@ -13,26 +13,28 @@ def check_paths(cfg: BladeConfig) -> dict[str, dict]:
     """Data directories must exist and hold manifest.json (target/val may be null), and their sequences
     must fit the model and each other. Returns {key: manifest} of the directories given."""
     manifests = {}
-    for key in ("train", "target", "val"):
-        path = getattr(cfg.data, key)
-        if path is None and key != "train":
+    dirs = [(f"data.train[{d}]" if isinstance(cfg.data.train, dict) else "data.train", d)
+            for d in cfg.data.train_dirs()]
+    for key, path in dirs + [("data.target", cfg.data.target), ("data.val", cfg.data.val)]:
+        if path is None and key != "data.train":
             continue
         if path is None:
             raise ConfigError("config error: data.train is required: the directory `blade prepare` wrote")
         file = os.path.join(path, "manifest.json")
         if not os.path.isfile(file):
-            raise ConfigError(f"config error: data.{key}: no manifest.json in '{path}' "
+            raise ConfigError(f"config error: {key}: no manifest.json in '{path}' "
                               f"(run `blade prepare` first, or fix the path)")
         try:
             with open(file) as f:
-                manifests[key] = json.load(f)
-            seq_len = int(manifests[key]["seq_len"])
+                manifest = json.load(f)
+            seq_len = int(manifest["seq_len"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"config error: data.{key}: cannot read seq_len from {file} ({e!r}); "
+            raise ConfigError(f"config error: {key}: cannot read seq_len from {file} ({e!r}); "
                               "re-run `blade prepare`") from None
         if seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"config error: the data's seq_len {seq_len} (data.{key}) exceeds "
+            raise ConfigError(f"config error: the data's seq_len {seq_len} ({key}) exceeds "
                               f"model.max_seq_len {cfg.model.max_seq_len}; raise model.max_seq_len")
+        manifests.setdefault(key.split("[")[0].removeprefix("data."), manifest)
     target = manifests.get("target")
     if cfg.selection.strategy in STRATEGIES_WITH_REFERENCE:
         if target is None:

@@ -34,7 +34,7 @@ from blade.data.shards import FORMAT, MAX_LABELS, MAX_SOURCES, ShardPacker, toke
 from blade.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.model"
-DOCS_PER_TASK = 256  # documents a tokenizer worker handles per task
+DOCS_PER_TASK = 32  # documents a tokenizer worker handles per task
 
 
 @dataclass
@@ -174,9 +174,11 @@ class _Names:
 def _tokenize(doc: Document, tok: Tokenizer):
     """Token ids + EOS, the source name, the document's label names, and per token 1 + the index of
     its label in those names (0 = unlabelled). Later spans win where spans overlap."""
+    if not doc.labels:  # offsets are only needed to label tokens
+        ids = tok.encode(doc.text)
+        return np.array(ids + [tok.eos_id], dtype=np.int32), doc.source, [], np.zeros(len(ids) + 1, np.uint8)
     ids, spans = tok.encode_with_offsets(doc.text)
-    begins = np.array([b for b, _ in spans], dtype=np.int64)
-    ends = np.array([e for _, e in spans], dtype=np.int64)
+    begins, ends = np.array(spans, dtype=np.int64).reshape(-1, 2).T
     names = list(dict.fromkeys(name for _, _, name in doc.labels))
     if len(names) > MAX_LABELS:
         raise DataError(f"a document of source {doc.source!r} has more than {MAX_LABELS} distinct label "

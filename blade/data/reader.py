@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from blade.data.shards import FIX, FORMAT, index_shard
-from blade.errors import DataError
+from blade.errors import DataError, DataExhausted
 
 _DECODE_ERRORS = (ValueError, OSError, EOFError)
 
@@ -111,6 +111,9 @@ class ShardDataset:
     def __len__(self) -> int:
         return int(self._ends[-1]) if self.shards else 0
 
+    def order(self, seed: int, shuffle: bool) -> "GlobalOrder":
+        return GlobalOrder(self.shard_sizes, seed, shuffle)
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} sequences")
@@ -153,6 +156,11 @@ class GlobalOrder:
             raise DataError("the dataset has no usable sequences: re-run blade prepare")
         self.starts = np.cumsum(self.sizes) - self.sizes  # canonical index of each shard's sample 0
         self.seed, self.shuffle, self.epoch = seed, shuffle, None
+        self.lengths = np.array([self.n])
+
+    def drawn(self, p: int) -> np.ndarray:
+        """Positions the dataset has supplied to positions [0, p) (a mixture has one per component)."""
+        return np.array([p])
 
     def _set_epoch(self, e: int) -> None:
         self.epoch, self.perms = e, {}
@@ -210,7 +218,7 @@ class _MicroBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        order = GlobalOrder(self.ds.shard_sizes, self.seed, self.shuffle)
+        order = self.ds.order(self.seed, self.shuffle)
         for q in itertools.count(w, num_workers):
             positions = batch_positions(self.start, q, self.micro, self.world, self.rank)
             yield _micro_batch(self.ds, order, positions)
@@ -220,16 +228,19 @@ class DataStream:
     """This rank's training batches, one optimizer step at a time, resumable from `state_dict()`.
 
     `position` counts the global positions the trainer consumed (G = micro*world*accum per step,
-    world-size independent), not what DataLoader workers prefetched.
+    world-size independent), not what DataLoader workers prefetched. `ds` is a ShardDataset or a
+    MixedDataset (blade/data/mixture.py). With `stop_when_exhausted`, a step that would start a
+    dataset's second epoch raises DataExhausted instead (on every rank alike: it depends on positions only).
     """
 
     def __init__(self, ds: ShardDataset, seed: int, shuffle: bool, micro: int, world: int,
-                 rank: int, accum: int, num_workers: int = 0):
+                 rank: int, accum: int, num_workers: int = 0, stop_when_exhausted: bool = False):
         if micro < 1 or accum < 1 or not 0 <= rank < world or num_workers < 0:
             raise DataError(f"bad batch layout micro={micro} accum={accum} rank={rank} "
                             f"world={world} num_workers={num_workers}: need micro, accum >= 1, "
                             "0 <= rank < world, num_workers >= 0")
-        GlobalOrder(ds.shard_sizes, seed, shuffle)  # fail now on an empty dataset
+        self.order = ds.order(seed, shuffle)  # fails now on an empty dataset
+        self.stop_when_exhausted = stop_when_exhausted
         self.ds, self.seed, self.shuffle, self.num_workers = ds, seed, shuffle, num_workers
         self.micro, self.world, self.rank, self.accum = micro, world, rank, accum
         self._position, self._batches = 0, None
@@ -247,13 +258,26 @@ class DataStream:
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """The `accum` micro-batches of this rank for the next optimizer step."""
+        global_batch = self.micro * self.world * self.accum
+        if self.stop_when_exhausted:
+            over = np.flatnonzero(self.order.drawn(self._position + global_batch) > self.order.lengths)
+            if len(over):
+                names = getattr(self.ds, "names", [self.ds.path])
+                raise DataExhausted(f"{names[over[0]]} is used up after {self._position:,} sequences of the "
+                                    "stream (data.on_exhausted=stop): the run ends here; "
+                                    "data.on_exhausted=repeat starts its next epoch instead")
         if self._batches is None:
             self._batches = self._start()
         step = [next(self._batches) for _ in range(self.accum)]
-        self._position += self.micro * self.world * self.accum
+        self._position += global_batch
         for batch in step:
             self.ds.bad_samples.update(batch["index"][~batch["valid"]].tolist())
         return step
+
+    def shares(self) -> dict[str, float]:
+        """The realised mixture so far: each component's share of the positions read (mixtures only)."""
+        drawn = self.order.drawn(self._position)
+        return {name: float(n) / max(self._position, 1) for name, n in zip(self.ds.names, drawn)}
 
     def state_dict(self) -> dict:
         return {"position": self._position, "epoch": self._position // len(self.ds),
@@ -277,7 +301,7 @@ def eval_batches(ds: ShardDataset, micro: int, world: int, rank: int, sequences:
     of micro-batches (stop checks are collectives); rows past the end are padding with valid=False.
     """
     n = len(ds) if sequences <= 0 else min(sequences, len(ds))
-    order = GlobalOrder(ds.shard_sizes, seed=0, shuffle=False)
+    order = ds.order(seed=0, shuffle=False)
     out = []
     for q in range(-(-n // (micro * world))):
         positions = batch_positions(0, q, micro, world, rank)

@@ -19,8 +19,9 @@ import sys
 
 from blade.config import BladeConfig, config_to_dict, dump_config
 from blade.data.paths import check_paths
-from blade.data.reader import DataStream, ShardDataset, eval_batches
-from blade.errors import ConfigError
+from blade.data.mixture import open_dataset
+from blade.data.reader import DataStream, eval_batches
+from blade.errors import ConfigError, DataExhausted
 from blade.runtime import checkpoint, faults, run_lock
 from blade.runtime.dist import World, all_reduce_sum
 from blade.runtime.metrics import MetricsLogger
@@ -42,22 +43,22 @@ class Trainer:
         t, sel = cfg.train, cfg.selection
         check_paths(cfg)  # the data exists and fits the model and the strategy: refused before any engine
         self._lock_run_dir()  # one job per run directory
-        self.datasets = {name: ShardDataset(path, cfg.model.vocab_size, cfg.data.on_bad_shard)
+        self.datasets = {name: open_dataset(path, cfg.model.vocab_size, cfg.data.on_bad_shard)
                          for name, path in (("train", cfg.data.train), ("target", cfg.data.target),
                                             ("val", cfg.data.val)) if path}
         uses_reference = schedule.uses_reference(sel.strategy)
         if cfg.model.init_from:  # the data must be tokenized for the pretrained model's vocabulary
             from blade.interop.pretrained import check_data_compat
 
-            for path in filter(None, (cfg.data.train, cfg.data.target, cfg.data.val)):
+            for path in filter(None, (*cfg.data.train_dirs(), cfg.data.target, cfg.data.val)):
                 check_data_compat(cfg.model.init_from, path)
         resume_path = state.resume_point(cfg, world, self.say)  # before the engines: refusals come fast
 
-        def stream(name, seed):
+        def stream(name, seed, stop_when_exhausted=False):
             return DataStream(self.datasets[name], seed, cfg.data.shuffle, t.micro_batch_size,
-                              world.world_size, world.rank, t.grad_accum, cfg.data.num_workers)
+                              world.world_size, world.rank, t.grad_accum, cfg.data.num_workers, stop_when_exhausted)
 
-        self.streams = {"train": stream("train", t.seed)}
+        self.streams = {"train": stream("train", t.seed, cfg.data.on_exhausted == "stop")}
         if uses_reference:  # the reference phase's own streams: D_val and pool batches
             self.streams.update(ref_target=stream("target", t.seed + 1), ref_pool=stream("train", t.seed + 2))
         self.engines = engines.Engines(cfg, world.world_size)
@@ -134,15 +135,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        cfg, finished = self.cfg, False
+        cfg, finished, completed = self.cfg, False, self.cfg.train.steps
         self.stop.install()
         try:
             if self.eval_pending is not None:  # a stop interrupted this evaluation: finish it first
                 self.evaluate(self.eval_pending)
                 self.eval_pending = None
             for step in range(self.start_step, cfg.train.steps):
-                self.run_step(step)
-            self.save_checkpoint(cfg.train.steps)
+                try:
+                    self.run_step(step)
+                except DataExhausted as used_up:  # data.on_exhausted=stop: the run ends before this step
+                    completed = step
+                    self.log.log({"kind": "data_exhausted", "step": step, "message": str(used_up)})
+                    if self.world.is_main:
+                        print(f"step {step}: {used_up}", flush=True)
+                    break
+            self.save_checkpoint(completed)
             finished = True
         except _StopNow as stop:
             self.stopped(*stop.args)  # raises Preempted
@@ -151,7 +159,7 @@ class Trainer:
             if not finished:
                 self.log.close()
         c = self.counters
-        summary = {"kind": "summary", "step": cfg.train.steps - 1, "tokens_seen": c.tokens_seen,
+        summary = {"kind": "summary", "step": completed - 1, "tokens_seen": c.tokens_seen,
                    "tokens_trained": c.tokens_trained, "nonfinite_skipped": c.nonfinite_skipped,
                    **self.diagnostics.totals()}
         self.log.log(summary)

@@ -176,6 +176,7 @@ class BladeStep:
             "kept_fraction": n_selected / max(n_valid, 1),
             **timer.record(STEP_PHASES), "step_time_s": time.perf_counter() - t0,
             "data_skipped_sequences": self.streams["train"].ds.skipped_sequences,
+            **({"data_mix": self.streams["train"].shares()} if isinstance(cfg.data.train, dict) else {}),
             "nonfinite_skipped": c.nonfinite_skipped,
         }
         if stats is not None:
