@@ -89,9 +89,21 @@ class Stage:
         return seconds
 
 
+def _current_format(data: str) -> bool:
+    from blade.data.shards import FORMAT
+
+    try:
+        with open(os.path.join(data, "train", "manifest.json")) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def _prepare_data(data: str, cache: str, size: str, say) -> dict:
     recipe = os.path.join(data, "recipe.json")
-    if os.path.isfile(recipe):
+    if os.path.isfile(recipe) and not _current_format(data):
+        say(f"data: {data} holds shards of an older format: rebuilding it from the cache")
+    elif os.path.isfile(recipe):
         with open(recipe) as f:
             manifest = json.load(f)
         if manifest.get("size") != size:
