@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from blade.errors import CheckpointError
-from blade.runtime import faults
+from blade.runtime import faults, zero
 from blade.runtime.dist import all_reduce
 from blade.runtime.safe_load import load_deepspeed_file, refused_global
 
@@ -184,7 +184,8 @@ def save(ckpt_root: str, completed: int, engines: dict, state: dict, rank_state:
                 faults.point("save", completed, "begin")
             saver = engine.checkpoint_engine
             saver.save_error = None
-            engine.save_checkpoint(path, tag=name, save_latest=False)
+            with zero.weights_only_state(engine):  # a released reference: its weights alone
+                engine.save_checkpoint(path, tag=name, save_latest=False)
             if saver.save_error is not None:  # held back so that this rank reached DeepSpeed's barrier
                 raise saver.save_error
             faults.point("save", completed, f"after_{name}")
@@ -310,6 +311,7 @@ def load(path: str, engines: dict, rank: int) -> dict:
     for name, engine in engines.items():
         error = None
         try:
+            zero.restore_training_state(engine)  # DeepSpeed loads into the master (released again by Engines)
             loaded, _ = engine.load_checkpoint(path, tag=name, load_optimizer_states=True,
                                                load_lr_scheduler_states=engine.lr_scheduler is not None)
             if loaded is None:

@@ -27,7 +27,8 @@ def consolidate_zero3(engine_dir: str) -> tuple[dict, dict]:
     """Full (unpartitioned) fp32 weights and Adam moments of a ZeRO-3 engine checkpoint written by any
     number of ranks: {name: {"fp32", "exp_avg", "exp_avg_sq"}}, and {"step", "lr_scheduler",
     "param_groups"}. Rank r's flat partition holds ceil(numel / world) elements of every parameter in
-    order (the layout zero_to_fp32 reads)."""
+    order (the layout zero_to_fp32 reads). A reference saved between its phases holds no moments
+    (blade/runtime/zero.py, weights_only_state): then only "fp32", and step None."""
     import glob
 
     optim = sorted(glob.glob(os.path.join(engine_dir, "*zero_pp_rank_*_optim_states.pt")), key=_rank_of)
@@ -41,8 +42,9 @@ def consolidate_zero3(engine_dir: str) -> tuple[dict, dict]:
         sd = load_deepspeed_file(file)["optimizer_state_dict"]
         state = sd["optimizer_state_dict"]["state"]
         flats["fp32"].append(torch.cat([t.flatten() for t in sd["fp32_flat_groups"]]))
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq") if state else ():
             flats[key].append(torch.cat([state[i][key].flatten() for i in sorted(state)]))
+    flats = {key: per_rank for key, per_rank in flats.items() if per_rank}
     meta = load_deepspeed_file(model[0])
     shapes = [(name, shape) for group in meta["param_shapes"] for name, shape in group.items()]
     full, offset = {}, 0
@@ -53,7 +55,7 @@ def consolidate_zero3(engine_dir: str) -> tuple[dict, dict]:
                       for key, per_rank in flats.items()}
         offset += part
     last = sd["optimizer_state_dict"]  # step and hyper-parameters are the same on every rank
-    extra = {"step": last["state"][0]["step"], "lr_scheduler": meta.get("lr_scheduler"),
+    extra = {"step": last["state"][0]["step"] if last["state"] else None, "lr_scheduler": meta.get("lr_scheduler"),
              "param_groups": last["param_groups"]}
     return full, extra
 
@@ -66,12 +68,13 @@ def load_zero3_resharded(engine, full: dict, extra: dict, rank: int, world: int)
         safe_set_local_optimizer_state,
     )
 
-    from blade.runtime.zero import base_optimizer, drop_gathered, master_partitions
+    from blade.runtime.zero import base_optimizer, drop_gathered, master_partitions, restore_training_state
 
+    restore_training_state(engine)  # a released reference takes its master back (Engines releases it again)
     drop_gathered(engine)
     opt = base_optimizer(engine)
-    for flat in master_partitions(engine):  # AdamW creates its state at the first step: create it now
-        state = opt.state[flat]
+    for flat in master_partitions(engine) if extra["step"] is not None else ():
+        state = opt.state[flat]  # AdamW creates its state at the first step: create it now
         for key in ("exp_avg", "exp_avg_sq"):
             state.setdefault(key, torch.zeros_like(flat))
         state["step"] = extra["step"].clone() if torch.is_tensor(extra["step"]) else extra["step"]
@@ -86,7 +89,7 @@ def load_zero3_resharded(engine, full: dict, extra: dict, rank: int, world: int)
             local[key] = padded[rank * part:(rank + 1) * part].to(p.ds_tensor.device)
         p.ds_tensor.data.copy_(local["fp32"])
         safe_set_local_fp32_param(p, local["fp32"])
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq") if "exp_avg" in local else ():
             safe_set_local_optimizer_state(p, local[key], key)
     for group, saved in zip(opt.param_groups, extra["param_groups"]):
         group["lr"] = saved["lr"]

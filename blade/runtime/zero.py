@@ -7,6 +7,7 @@ DeepSpeed facts behind them are in docs/deepspeed_cpu.md.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 
@@ -100,3 +101,74 @@ def reset_optimizer_state(engine) -> None:
         for value in state.values():
             if torch.is_tensor(value):
                 value.zero_()
+
+
+# ----------------------------------------------------------------------------- a reference between phases
+
+def _training_tensors(engine) -> list[torch.Tensor]:
+    """What only training uses (ZeRO-3): fp32 masters, AdamW moments, gradient partitions and buckets."""
+    opt = engine.optimizer
+    out = list(getattr(opt, "fp32_partitioned_groups_flat", []))
+    out += [v for state in base_optimizer(engine).state.values() for v in state.values()
+            if torch.is_tensor(v) and v.dim() > 0]  # exp_avg, exp_avg_sq (not the 0-dim step)
+    if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
+        out.append(opt.grad_partitions_flat_buffer)
+    out += [b.buffer for b in getattr(opt, "ipg_buckets", {}).values() if getattr(b, "buffer", None) is not None]
+    return out
+
+
+def release_training_state(engine) -> int:
+    """Free the storage of everything but the weights of a ZeRO-3 engine that will only run forwards
+    until restore_training_state (a reference between its phases: the next sync overwrites the master,
+    resets the moments, and the next backward rewrites the gradients). The tensors keep their shapes
+    and their views; only the memory goes. Returns the bytes freed (0 below stage 3: nothing is done)."""
+    if zero_stage(engine) != 3 or getattr(engine, "blade_released", None):
+        return 0
+    drop_gathered(engine)
+    weights = {t.untyped_storage().data_ptr() for t in local_shards(engine)}
+    released = {}
+    for t in _training_tensors(engine):
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in weights:
+            released.setdefault(storage.data_ptr(), (storage, storage.nbytes()))
+    for storage, _ in released.values():
+        storage.resize_(0)
+    engine.blade_released = list(released.values())
+    return sum(n for _, n in engine.blade_released)
+
+
+def _regrow(storage, nbytes: int) -> None:
+    storage.resize_(nbytes)
+    torch.empty(0, dtype=torch.uint8).set_(storage).zero_()
+
+
+def restore_training_state(engine) -> None:
+    """Give a released engine its training memory back, zero-filled (the caller fills the master)."""
+    for storage, nbytes in getattr(engine, "blade_released", None) or []:
+        _regrow(storage, nbytes)
+    engine.blade_released = None
+
+
+@contextlib.contextmanager
+def weights_only_state(engine):
+    """While DeepSpeed saves a released engine: its fp32 master (where a ZeRO-3 checkpoint keeps the
+    weights) holds the working weights, and its optimizer shows no moments, so the checkpoint is the
+    weights alone. Released again afterwards. A no-op for an engine that is not released."""
+    released = getattr(engine, "blade_released", None)
+    if not released:
+        yield
+        return
+    masters = master_partitions(engine)
+    for master, lp in zip(masters, engine.optimizer.fp16_partitioned_groups_flat, strict=True):
+        assert master.storage_offset() == 0, "a ZeRO-3 master group is expected to own its storage"
+        _regrow(master.untyped_storage(), master.numel() * master.element_size())
+        with torch.no_grad():
+            master.copy_(lp)
+    opt = base_optimizer(engine)
+    state, opt.state = opt.state, collections.defaultdict(dict)
+    try:
+        yield
+    finally:
+        opt.state = state
+        for master in masters:
+            master.untyped_storage().resize_(0)

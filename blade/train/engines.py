@@ -28,6 +28,9 @@ class Engines:
     Same seed => identical initial weights; same config => identical partitioning. A pretrained
     checkpoint (model.init_from) is loaded into the proxy only: the reference is synced from the
     proxy before its first use, so loading it too would be wasted work.
+    Between its phases the reference only scores, so at ZeRO-3 it keeps only its weights: its master,
+    moments and gradient buffers are released (zero.release_training_state) and come back at the
+    next sync, which overwrites or resets all of them anyway.
     State: whether w has been trained yet (the DeepSpeed files hold the rest)."""
 
     def __init__(self, cfg: BladeConfig, world_size: int):
@@ -38,7 +41,14 @@ class Engines:
             bf16 = True if sel.ref_precision == "bf16" else None
             self.reference = build_engine(cfg, world_size, seed, schedule=False, bf16=bf16,
                                           offload_params=sel.ref_offload)
+            zero.release_training_state(self.reference)  # unused until the first sync
         self.reference_ready = False  # becomes True once w has been trained (first sync / rho1)
+
+    def freeze_reference(self) -> None:
+        """End of a reference phase: w only scores until the next sync."""
+        self.reference.eval()
+        zero.release_training_state(self.reference)
+        self.reference_ready = True
 
     def by_name(self) -> dict:
         """{"proxy": ..., "reference": ...}: the engines a checkpoint saves, by directory name."""
@@ -48,7 +58,10 @@ class Engines:
         return {"ready": self.reference_ready}
 
     def load_state_dict(self, state: dict) -> None:
+        """After the engines' files are loaded: a checkpoint is never taken inside a reference phase."""
         self.reference_ready = state["ready"]
+        if self.reference is not None:
+            zero.release_training_state(self.reference)
 
 
 def deepspeed_config(cfg: BladeConfig, world_size: int, bf16: bool | None = None,
@@ -145,6 +158,7 @@ def set_lr(engine, lr: float) -> None:
 @torch.no_grad()
 def sync_reference(proxy, reference) -> None:
     """w <- u by copying this rank's partitions; the reference optimizer restarts from scratch."""
+    zero.restore_training_state(reference)
     zero.drop_gathered(reference)
     zero.drop_gathered(proxy)
     for src, dst in zip(zero.local_shards(proxy), zero.local_shards(reference), strict=True):

@@ -64,7 +64,10 @@ class BladeStep:
 
     # ------------------------------------------------------------------ per-token losses
     def micro_batches(self, stream: str) -> list[MicroBatch]:
-        return [to_micro_batch(b, self.world.device) for b in self.streams[stream].next_step()]
+        return self.on_device(self.streams[stream].next_step())
+
+    def on_device(self, batches: list[dict]) -> list[MicroBatch]:
+        return [to_micro_batch(b, self.world.device) for b in batches]
 
     def per_token_loss(self, engine, mb: MicroBatch, grad: bool, train_mode: bool = False) -> torch.Tensor:
         return engines.per_token_loss(engine, mb.inputs, mb.targets, grad, train_mode)
@@ -218,12 +221,13 @@ class BladeStep:
         timer.reset()
         rho1 = sel.strategy == "rho1"
         k_steps = sel.rho1_ref_steps if rho1 else sel.k_ref_steps
-        pool, masks = [], []
+        pool, masks = [], []  # pool batches stay on the host: one is on the device at a time
         if not rho1:  # masks come from the selection rule against the outgoing reference w_prev
             for k in range(k_steps):
                 self.check_stop("ref_score", step, k)
-                pool.append(self.micro_batches("ref_pool"))
-                masks.append(self.pool_mask(pool[-1], tie_seed=(self.cfg.train.seed + 2, step * k_steps + k)))
+                pool.append(self.streams["ref_pool"].next_step())
+                mask = self.pool_mask(self.on_device(pool[-1]), tie_seed=(self.cfg.train.seed + 2, step * k_steps + k))
+                masks.append(mask.cpu())
         with timer("sync"):
             engines.sync_reference(twins.proxy, twins.reference)
         # the proxy's scheduled LR, constant over the phase; past the proxy's warm-up, which a fresh
@@ -237,10 +241,10 @@ class BladeStep:
             t_step = time.perf_counter()
             targets = self.micro_batches("ref_target")
             with timer("ref_train"):
-                ref_loss = self.reference_step(targets, None if rho1 else pool[k], None if rho1 else masks[k])
+                ref_loss = self.reference_step(targets, None if rho1 else self.on_device(pool[k]),
+                                               None if rho1 else masks[k].to(self.world.device))
             self.stop.note(step_s=time.perf_counter() - t_step)
-        twins.reference.eval()
-        twins.reference_ready = True
+        twins.freeze_reference()
         self.log.log({"kind": "ref", "step": step, "strategy": sel.strategy, "ref_steps": k_steps,
                       "ref_lr": lr, "ref_final_loss": ref_loss,
                       "ref_nonfinite_skipped": self.counters.ref_nonfinite_skipped, **timer.record(REF_PHASES),
