@@ -150,3 +150,44 @@ def _grad_case(rank, world, tie):
 def test_zero3_gradient_equals_single_process(tie):
     for diffs in run_distributed(_grad_case, 2, args=(tie,), deepspeed=True):
         assert max(diffs) < 1e-6, diffs
+
+
+def _release_case(rank, world, precision):
+    cfg = _cfg("deepspeed.zero_stage=3", f"train.precision={precision}")
+    P = engines.build_engine(cfg, world, seed=1, schedule=True)
+    R = engines.build_engine(cfg, world, seed=2, schedule=False)
+    for engine in (P, R):
+        x, y = _batch(cfg, rank)
+        engine.backward(engine(x, y).mean())
+        engine.step()
+    x, y = _batch(cfg, 50 + rank)
+    before = engines.per_token_loss(R, x, y, grad=False)
+    lp_bytes = sum(t.numel() * t.element_size() for t in zero.local_shards(R))
+    master_bytes = sum(t.numel() * 4 for t in zero.master_partitions(R))
+    freed = zero.release_training_state(R)
+    scores_unchanged = torch.equal(engines.per_token_loss(R, x, y, grad=False), before)
+    masters_empty = all(t.untyped_storage().nbytes() == 0 for t in zero.master_partitions(R))
+    weights_kept = sum(t.untyped_storage().nbytes() for t in zero.local_shards(R)) >= lp_bytes
+    with zero.weights_only_state(R):  # what a checkpoint of the released reference holds
+        saved_state = len(zero.base_optimizer(R).state)
+        saved_master = [t.clone() for t in zero.master_partitions(R)]
+    lp = [t.float() for t in R.optimizer.fp16_partitioned_groups_flat]
+    master_is_weights = all(torch.equal(m, w) for m, w in zip(saved_master, lp))
+    released_again = all(t.untyped_storage().nbytes() == 0 for t in zero.master_partitions(R))
+    engines.sync_reference(P, R)  # regrows, copies the master and the weights, zero moments
+    engines.set_lr(R, 0.0)
+    R.backward(R(x, y).mean())
+    R.step()
+    equal_after_step = all(torch.equal(a, b) for a, b in zip(_gathered(P), _gathered(R)))
+    return (freed, master_bytes, scores_unchanged, masters_empty, weights_kept, saved_state, master_is_weights,
+            released_again, equal_after_step)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_released_reference_scores_alike_saves_its_weights_and_syncs_back(precision):
+    for (freed, master_bytes, scores_unchanged, masters_empty, weights_kept, saved_state, master_is_weights,
+         released_again, equal_after_step) in run_distributed(_release_case, 2, args=(precision,), deepspeed=True):
+        assert freed >= 3 * master_bytes  # the master, two AdamW moments, and the gradient buffers
+        assert scores_unchanged and masters_empty and weights_kept
+        assert saved_state == 0 and master_is_weights and released_again
+        assert equal_after_step  # no stale master came back through the regrown storage

@@ -105,15 +105,18 @@ def reset_optimizer_state(engine) -> None:
 
 # ----------------------------------------------------------------------------- a reference between phases
 
-def _training_tensors(engine) -> list[torch.Tensor]:
-    """What only training uses (ZeRO-3): fp32 masters, AdamW moments, gradient partitions and buckets."""
+def _training_tensors(engine) -> list[tuple[torch.Tensor, bool]]:
+    """What only training uses (ZeRO-3), and whether it must come back zeroed: fp32 masters, AdamW
+    moments and gradient partitions do; the reduce buckets are scratch (torch.empty in DeepSpeed, and
+    zeroing DeepSpeed's default 5e8-element bucket would touch 2 GB that the CPU otherwise never maps)."""
     opt = engine.optimizer
-    out = list(getattr(opt, "fp32_partitioned_groups_flat", []))
-    out += [v for state in base_optimizer(engine).state.values() for v in state.values()
+    out = [(t, True) for t in getattr(opt, "fp32_partitioned_groups_flat", [])]
+    out += [(v, True) for state in base_optimizer(engine).state.values() for v in state.values()
             if torch.is_tensor(v) and v.dim() > 0]  # exp_avg, exp_avg_sq (not the 0-dim step)
     if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
-        out.append(opt.grad_partitions_flat_buffer)
-    out += [b.buffer for b in getattr(opt, "ipg_buckets", {}).values() if getattr(b, "buffer", None) is not None]
+        out.append((opt.grad_partitions_flat_buffer, True))
+    out += [(b.buffer, False) for b in getattr(opt, "ipg_buckets", {}).values()
+            if getattr(b, "buffer", None) is not None]
     return out
 
 
@@ -127,25 +130,27 @@ def release_training_state(engine) -> int:
     drop_gathered(engine)
     weights = {t.untyped_storage().data_ptr() for t in local_shards(engine)}
     released = {}
-    for t in _training_tensors(engine):
+    for t, zeroed in _training_tensors(engine):
         storage = t.untyped_storage()
         if storage.nbytes() and storage.data_ptr() not in weights:
-            released.setdefault(storage.data_ptr(), (storage, storage.nbytes()))
-    for storage, _ in released.values():
+            released.setdefault(storage.data_ptr(), (storage, storage.nbytes(), zeroed))
+    for storage, _, _ in released.values():
         storage.resize_(0)
     engine.blade_released = list(released.values())
-    return sum(n for _, n in engine.blade_released)
+    return sum(n for _, n, _ in engine.blade_released)
 
 
-def _regrow(storage, nbytes: int) -> None:
+def _regrow(storage, nbytes: int, zeroed: bool = True) -> None:
     storage.resize_(nbytes)
-    torch.empty(0, dtype=torch.uint8).set_(storage).zero_()
+    if zeroed:
+        torch.empty(0, dtype=torch.uint8).set_(storage).zero_()
 
 
 def restore_training_state(engine) -> None:
-    """Give a released engine its training memory back, zero-filled (the caller fills the master)."""
-    for storage, nbytes in getattr(engine, "blade_released", None) or []:
-        _regrow(storage, nbytes)
+    """Give a released engine its training memory back, zero-filled but for the scratch buckets (the
+    caller fills the master)."""
+    for storage, nbytes, zeroed in getattr(engine, "blade_released", None) or []:
+        _regrow(storage, nbytes, zeroed)
     engine.blade_released = None
 
 
