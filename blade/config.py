@@ -43,6 +43,10 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     loss_chunk_tokens: int = 2048      # tokens per chunk of the per-token cross-entropy
+    # recompute blocks in the backward instead of keeping their activations: none | full (every block)
+    # | every_n (blocks 0, n, 2n, ...; n = activation_checkpointing_every); the gradients are the same
+    activation_checkpointing: Literal["none", "full", "every_n"] = "none"
+    activation_checkpointing_every: int = 2
     init_from: Optional[str] = None    # pretrained HF Llama directory or .gguf: weights and shape
 
 
@@ -235,6 +239,7 @@ _RANGES = {
     "model.n_heads": ">= 1", "model.n_kv_heads": ">= 1", "model.ffn_hidden": ">= 1",
     "model.max_seq_len": ">= 1", "model.rope_theta": "> 0", "model.norm_eps": "> 0",
     "model.dropout": "in [0, 1)", "model.init_std": "> 0", "model.loss_chunk_tokens": ">= 1",
+    "model.activation_checkpointing_every": ">= 1",
     "data.num_workers": ">= 0",
     "train.steps": ">= 1", "train.seed": ">= 0", "train.micro_batch_size": ">= 1",
     "train.grad_accum": ">= 1", "train.eval_interval": ">= 0", "train.eval_sequences": ">= 0",

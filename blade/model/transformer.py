@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from blade.config import ModelConfig
 from blade.runtime.zero import full_numel, gathered
@@ -219,9 +220,18 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(tokens)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            if self._recomputed(i):  # activations of the block are recomputed in the backward
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.norm(x)
+
+    def _recomputed(self, i: int) -> bool:
+        mode = self.cfg.activation_checkpointing
+        if mode == "none" or not (self.training and torch.is_grad_enabled()):
+            return False
+        return mode == "full" or i % self.cfg.activation_checkpointing_every == 0
 
     def forward(self, tokens, targets):
         """tokens, targets: LongTensor [B, T] -> per-token cross-entropy [B, T] (fp32; 0 where ignored)."""
