@@ -191,3 +191,24 @@ def test_a_released_reference_scores_alike_saves_its_weights_and_syncs_back(prec
         assert scores_unchanged and masters_empty and weights_kept
         assert saved_state == 0 and master_is_weights and released_again
         assert equal_after_step  # no stale master came back through the regrown storage
+
+
+def _init_case(rank, world, precision, stage):
+    cfg = _cfg(f"deepspeed.zero_stage={stage}", f"train.precision={precision}")
+    engine = engines.build_engine(cfg, world, seed=3, schedule=False)
+    sharded = all(hasattr(p, "ds_tensor") and p.numel() == 0 for p in engine.module.parameters())
+    dtypes = {str(t.dtype) for t in zero.local_shards(engine)}
+    weights = [w.float().flatten().tolist() for w in (_gathered(engine) if stage == 3 else
+                                                       [p.detach() for p in engine.module.parameters()])]
+    return weights, sharded, dtypes
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sharded_construction_gives_the_plain_weights_on_any_world_size(precision):
+    """ZeRO-3 builds under zero.Init (partitioned from the start); the gathered weights on 1, 2 and 4
+    ranks are bitwise those of a plain (ZeRO-1, unpartitioned) build of the same seed."""
+    plain, _, dtype = run_distributed(_init_case, 1, args=(precision, 1), deepspeed=True)[0]
+    for world in (1, 2, 4):
+        for weights, sharded, dtypes in run_distributed(_init_case, world, args=(precision, 3), deepspeed=True):
+            assert sharded and dtypes == dtype == {"torch.float32" if precision == "fp32" else "torch.bfloat16"}
+            assert weights == plain

@@ -54,6 +54,13 @@ def gathered(p: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters(p, modifier_rank=0)
 
 
+def cast_partitions(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the ZeRO-3 partitions (and their placeholders) of a model built under zero.Init in fp32."""
+    for p in model.parameters():
+        p.ds_tensor.data = p.ds_tensor.data.to(dtype)
+        p.data = p.data.to(dtype)
+
+
 def local_shards(engine) -> list[torch.Tensor]:
     """This rank's piece of every parameter: the ZeRO-3 partition, or the full tensor below stage 3."""
     return [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]

@@ -112,15 +112,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
                  bf16: bool | None = None, offload_params: bool = False, init_from: str | None = None):
     """One DeepSpeed engine around a freshly initialised Transformer (same seed => same init), with
-    the weights of the pretrained checkpoint `init_from` when given."""
+    the weights of the pretrained checkpoint `init_from` when given.
+
+    At ZeRO-3 the model is built under deepspeed.zero.Init: each module's parameters are partitioned
+    as soon as the module exists, so no rank ever holds more than its partitions plus one module's full
+    parameters. The weights are those of a plain build for any world size (Transformer.init_weights
+    sets each gathered parameter from rank 0's RNG; tests/test_engines.py checks 1, 2 and 4 ranks). The
+    build runs in fp32 and the partitions are then cast to the engine's precision, which is what
+    DeepSpeed does to a plain model (building in bf16 would compute the init and the RoPE tables in bf16)."""
     import deepspeed
 
+    config = deepspeed_config(cfg, world_size, bf16, offload_params)
+    sharded = cfg.deepspeed.zero_stage == 3
     torch.manual_seed(seed)
-    model = Transformer(cfg.model)
-    if init_from:  # continual pretraining: every rank loads, before DeepSpeed partitions
+    with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32, enabled=sharded):
+        model = Transformer(cfg.model)
+    if init_from:  # continual pretraining: every rank takes part (ZeRO-3: each keeps its partitions)
         from blade.interop.pretrained import load_pretrained
 
         load_pretrained(model, init_from)
+    if sharded and config["bf16"]["enabled"]:
+        zero.cast_partitions(model, torch.bfloat16)
     scheduler = None
     if schedule:
         base = cfg.optim.lr
@@ -128,7 +140,7 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
             opt, lambda s: lr_at(cfg, s) / base)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world_size, bf16, offload_params), lr_scheduler=scheduler)
+        config=config, lr_scheduler=scheduler)
     engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine)  # loads never run code
     return engine
 
