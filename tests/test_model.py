@@ -187,8 +187,34 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
             key = f"layers.{i}.attn.{w}.weight"
             sd[key] = sd[key].view(1, 8, 32).repeat_interleave(4, dim=0).reshape(32, 32)
     mha.load_state_dict(sd)
-    tokens, targets, _ = batch()
-    torch.testing.assert_close(mha(tokens, targets), gqa(tokens, targets))
+    tokens, targets, w = batch()
+    loss_mha, loss_gqa = mha(tokens, targets), gqa(tokens, targets)
+    torch.testing.assert_close(loss_mha, loss_gqa)
+    (loss_mha * w).sum().backward()
+    (loss_gqa * w).sum().backward()
+    for name, p in gqa.named_parameters():  # a shared K/V head gets the sum of its copies' gradients
+        want = dict(mha.named_parameters())[name].grad
+        if name.endswith(("attn.wk.weight", "attn.wv.weight")):
+            want = want.view(4, 8, 32).sum(0)
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_hf_llama_bit_for_bit(dtype):
+    """HF LlamaRMSNorm: fp32 normalisation, cast back, then the weight; forward and gradients."""
+    norm = make().norm.to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32) + 0.5)
+    x = (torch.randn(3, 5, 32) * 3).to(dtype).requires_grad_()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    xf = x_ref.float()
+    ref = w_ref * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype and torch.equal(got, ref)
+    g = torch.randn(3, 5, 32).to(dtype)
+    got.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(norm.weight.grad, w_ref.grad)
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1])

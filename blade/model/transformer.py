@@ -115,9 +115,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # normalise in fp32, as HF Llama does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # HF Llama: normalise in fp32, cast back, then scale (torch's rms_norm would scale before the
+        # cast, so it normalises only; on the CPU it equals x * rsqrt(mean(x^2) + eps) bit for bit)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -138,11 +138,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:  # K/V head j serves query heads j*rep .. j*rep+rep-1 (HF repeat_kv)
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # K/V head j serves query heads j*rep .. j*rep+rep-1 (HF repeat_kv), without repeating K/V
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+                                           is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
