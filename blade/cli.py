@@ -67,6 +67,12 @@ def cmd_train(args) -> None:
 
     path, overrides = split_config_args(args.items, args.config)
     cfg = load_config(path, overrides)
+    if cfg.train.compile:  # before any process group or engine: a missing compiler is a config error
+        import torch
+
+        from blade.model.compile import check_compile
+
+        check_compile("cuda" if torch.cuda.is_available() else "cpu")
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         have_data = os.path.isfile(os.path.join(cfg.data.train, "manifest.json"))

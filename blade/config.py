@@ -68,6 +68,7 @@ class TrainConfig:
     eval_batches: int = 4              # micro-batches of the val stream per evaluation
     max_wall_time_s: float = 0.0       # stop (checkpoint, exit 75) before this much wall time; 0 = off
     max_nonfinite_steps: int = 5       # abort after this many non-finite (skipped) steps in a row
+    compile: bool = False              # torch.compile each transformer block (inductor; CPU needs a C++ compiler)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import math
 import torch
 
 from blade.config import BladeConfig, deep_merge
+from blade.model.compile import check_compile, compile_blocks
 from blade.model.transformer import Transformer
 from blade.runtime import zero
 from blade.runtime.dist import all_reduce, rank_and_world
@@ -99,9 +100,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
                  bf16: bool | None = None, offload_params: bool = False, init_from: str | None = None):
     """One DeepSpeed engine around a freshly initialised Transformer (same seed => same init), with
-    the weights of the pretrained checkpoint `init_from` when given."""
+    the weights of the pretrained checkpoint `init_from` when given; its blocks compiled when
+    `train.compile`."""
     import deepspeed
 
+    if cfg.train.compile:
+        check_compile("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     model = Transformer(cfg.model)
     if init_from:  # continual pretraining: every rank loads, before DeepSpeed partitions
@@ -117,6 +121,8 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=deepspeed_config(cfg, world_size, bf16, offload_params), lr_scheduler=scheduler)
     engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine)  # loads never run code
+    if cfg.train.compile:  # after initialize: DeepSpeed's hooks are in place, names unchanged
+        compile_blocks(engine.module)
     return engine
 
 
