@@ -79,6 +79,9 @@ def cmd_train(args) -> None:
         seq_len = check_paths(cfg)["train"]["seq_len"] if have_data else cfg.model.max_seq_len
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(describe_layout(cfg, world, seq_len))
+        from blade.model.memory import GIB, describe_memory
+
+        print(describe_memory(cfg, world, args.memory_gib * GIB if args.memory_gib else None))
         return
     check_paths(cfg)
 
@@ -214,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("train", help="train (launch one process per rank: launch/local.sh, srun, torchrun)")
     pt.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
     pt.add_argument("-c", "--config", help="YAML config (or give it as the first argument)")
-    pt.add_argument("--dry-run", action="store_true", help="print the resolved config and layout, then exit")
+    pt.add_argument("--dry-run", action="store_true", help="print the resolved config, layout and memory "
+                    "plan (which ZeRO stage fits), then exit")
+    pt.add_argument("--memory-gib", type=float, help="--dry-run: memory per rank to plan for (default: the "
+                    "GPU's, or the RAM divided by the local ranks)")
     pt.set_defaults(func=cmd_train)
 
     pi = sub.add_parser("inspect", help="plots and an HTML page of what a run selected")
