@@ -82,6 +82,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0             # 0 = off
+    fused: bool = False                # torch's fused AdamW kernel (CPU and GPU; not bitwise equal to the loop)
 
 
 @dataclass

@@ -70,7 +70,7 @@ def deepspeed_config(cfg: BladeConfig, world_size: int, bf16: bool | None = None
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": True}},  # torch's AdamW: no JIT-compiled fused op needed
+            "torch_adam": True, **({"fused": True} if o.fused else {})}},  # torch's AdamW: no JIT op
         "bf16": {"enabled": cfg.train.precision == "bf16" if bf16 is None else bf16},
     }
     return deep_merge(ds, cfg.deepspeed.extra)
