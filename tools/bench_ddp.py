@@ -9,7 +9,8 @@ by this one (issue 15: goal <= 1.10 at ZeRO-1/2, <= 1.25 at ZeRO-3).
 The loop, per step: forward under torch.autocast(bfloat16) when train.precision is bf16 (fp32 weights,
 as autocast wants them), the mean per-token loss, backward (DDP all-reduces the gradients in buckets,
 overlapped with the backward), gradient clipping at optim.grad_clip, torch.optim.AdamW (blade's
-parameter groups, betas, eps and weight decay), zero_grad. Ranks are gloo processes under torchrun with
+parameter groups, betas, eps and weight decay; the fused kernel with optim.fused=true, as in blade),
+zero_grad. Ranks are gloo processes under torchrun with
 one thread each, like `launch/local.sh 2 --cmd bench`. Tokens are random (the time does not depend on
 them). A step's time is the slowest rank's, from a barrier to the end of the optimizer step; the tool
 prints the median and the p10-p90 range over the timed steps.
@@ -49,7 +50,7 @@ def worker(config: str, overrides: list[str], seq_len: int, warmup: int, steps: 
     torch.manual_seed(cfg.train.seed)
     model = DistributedDataParallel(Transformer(cfg.model))
     opt = torch.optim.AdamW(param_groups(model.module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                            eps=o.eps)
+                            eps=o.eps, fused=o.fused or None)
     bf16 = cfg.train.precision == "bf16"
     g = torch.Generator().manual_seed(rank)
     times = []
@@ -74,7 +75,8 @@ def worker(config: str, overrides: list[str], seq_len: int, warmup: int, steps: 
         print(TAG + " " + json.dumps({
             "step_s": times, "median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[-1],
             "ranks": world, "micro_batch_size": micro, "seq_len": seq_len, "precision": cfg.train.precision,
-            "params": model.module.num_params(), "config": config, "overrides": overrides}))
+            "params": model.module.num_params(), "fused_adamw": o.fused, "config": config,
+            "overrides": overrides}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -102,7 +104,8 @@ def main() -> int:
             "--steps", str(a.steps), *a.overrides]
     result = run_tool_on_ranks(__file__, a.ranks, args, TAG, ROOT)
     result.update(loadavg_before=before, loadavg_after=loadavg())
-    print(f"DDP anchor ({result['ranks']} gloo ranks x 1 thread, {result['precision']}, micro-batch "
+    print(f"DDP anchor ({result['ranks']} gloo ranks x 1 thread, {result['precision']}, "
+          f"{'fused' if result['fused_adamw'] else 'loop'} AdamW, micro-batch "
           f"{result['micro_batch_size']} x {result['seq_len']} tokens, {result['params']:,} parameters): "
           f"{result['median_s']:.3f} s/step median (p10 {result['p10_s']:.3f}, p90 {result['p90_s']:.3f}) "
           f"over {len(result['step_s'])} steps; load average {before} -> {result['loadavg_after']}")
