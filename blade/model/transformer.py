@@ -30,9 +30,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     target's logit is an exact fp32 dot product, so of the logits only the log-sum-exp sees bf16
     rounding (it halves the error bound and made a bf16 model's selection decisions 1.6x closer to an
     fp32 model's on the quickstart: tools/head_selection_check.py). The gradient matmuls run in the
-    inputs' dtype again; the weight gradient is accumulated in fp32 across chunks. Only h, weight, targets and the per-row logsumexp are saved; backward recomputes each
-    chunk's logits, so peak memory is one [chunk, V] block of logits (one copy in each dtype) in both
-    passes. No copy of the weight is made. fp32 inputs run exactly the fp32 arithmetic of before.
+    inputs' dtype again; the weight gradient is accumulated in fp32 across chunks. Only h, weight,
+    targets and the per-row logsumexp are saved; backward recomputes each chunk's logits, so peak
+    memory is one [chunk, V] block of logits (one copy in each dtype) in both passes. No copy of the
+    weight is made. fp32 inputs run exactly the fp32 arithmetic of before.
     """
 
     @staticmethod
