@@ -68,12 +68,21 @@ def cmd_train(args) -> None:
 
     path, overrides = split_config_args(args.items, args.config)
     cfg = load_config(path, overrides)
+    if cfg.train.compile:  # before any process group or engine: a missing compiler is a config error
+        import torch
+
+        from blade.model.compile import check_compile
+
+        check_compile("cuda" if torch.cuda.is_available() else "cpu")
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         have_data = all(os.path.isfile(os.path.join(d, "manifest.json")) for d in cfg.data.train_dirs())
         seq_len = check_paths(cfg)["train"]["seq_len"] if have_data else cfg.model.max_seq_len
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(describe_layout(cfg, world, seq_len))
+        from blade.model.memory import GIB, describe_memory
+
+        print(describe_memory(cfg, world, args.memory_gib * GIB if args.memory_gib else None))
         return
     check_paths(cfg)
 
@@ -125,7 +134,7 @@ def cmd_bench(args) -> None:
         say = print if world.is_main else (lambda *a, **k: None)
         result = run_bench(path, overrides, world, strategies, args.warmup, args.steps, args.out,
                            measure_checkpoint=not args.no_checkpoint, memory_steps=args.memory_steps,
-                           command="blade " + " ".join(sys.argv[1:]), say=say)
+                           command="blade " + " ".join(sys.argv[1:]), say=say, profile=args.profile)
         if result is not None:
             print(f"wrote {args.out}/bench.json, report.md and breakdown.png")
             for t in result["targets"]:
@@ -214,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("train", help="train (launch one process per rank: launch/local.sh, srun, torchrun)")
     pt.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
     pt.add_argument("-c", "--config", help="YAML config (or give it as the first argument)")
-    pt.add_argument("--dry-run", action="store_true", help="print the resolved config and layout, then exit")
+    pt.add_argument("--dry-run", action="store_true", help="print the resolved config, layout and memory "
+                    "plan (which ZeRO stage fits), then exit")
+    pt.add_argument("--memory-gib", type=float, help="--dry-run: memory per rank to plan for (default: the "
+                    "GPU's, or the RAM divided by the local ranks)")
     pt.set_defaults(func=cmd_train)
 
     pi = sub.add_parser("inspect", help="plots and an HTML page of what a run selected")
@@ -231,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--steps", type=int, default=10, help="timed steps per strategy")
     pb.add_argument("--out", default="runs/bench", help="output directory")
     pb.add_argument("--no-checkpoint", action="store_true", help="do not time a checkpoint save")
+    pb.add_argument("--profile", action="store_true", help="profile one extra step per strategy after the "
+                    "timing: OUT/profile/STRATEGY_trace.json (Chrome/Perfetto) and STRATEGY_top_ops.txt")
     pb.add_argument("--memory-steps", type=int, default=3,
                     help="CPU: untimed steps per strategy that measure the peak RSS (after the timing)")
     pb.set_defaults(func=cmd_bench)

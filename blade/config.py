@@ -78,6 +78,7 @@ class TrainConfig:
     eval_sequences: int = 0            # sequences of data.val per evaluation (the first ones); 0 = all
     max_wall_time_s: float = 0.0       # stop (checkpoint, exit 75) before this much wall time; 0 = off
     max_nonfinite_steps: int = 5       # abort after this many non-finite (skipped) steps in a row
+    compile: bool = False              # torch.compile each transformer block (inductor; CPU needs a C++ compiler)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0             # 0 = off
+    fused: bool = False                # torch's fused AdamW kernel (CPU and GPU; not bitwise equal to the loop)
 
 
 @dataclass

@@ -131,7 +131,7 @@ def test_bench_end_to_end_two_ranks(tmp_path, builtin_data):
     overrides = tiny_overrides(builtin_data, str(tmp_path / "unused"), "selection.tau=5", "selection.k_ref_steps=1")
     out = subprocess.run(["bash", "launch/local.sh", "2", "--cmd", "bench", "-c", TINY, *overrides,
                           "--strategies", "full,blade", "--warmup", "1", "--steps", "2", "--memory-steps", "1",
-                          "--out", str(out_dir)],
+                          "--profile", "--out", str(out_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = json.loads((out_dir / "bench.json").read_text())
@@ -151,3 +151,12 @@ def test_bench_end_to_end_two_ranks(tmp_path, builtin_data):
     assert "| full |" in report and "| blade |" in report and "## Targets" in report
     assert (out_dir / "breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PASS" in out.stdout or "FAIL" in out.stdout
+    # --profile: a Chrome trace and a top-operator table for one full and one blade step
+    for name in ("full", "blade"):
+        trace = json.loads((out_dir / "profile" / f"{name}_trace.json").read_text())
+        assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+        table = (out_dir / "profile" / f"{name}_top_ops.txt").read_text()
+        assert "Self CPU" in table and "aten::" in table
+        top = result["profile"][name]["top_ops"]
+        assert len(top) == 8 and top[0]["self_cpu_s"] >= top[-1]["self_cpu_s"] > 0
+    assert "## Profile" in report and "| `aten::" in report

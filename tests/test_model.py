@@ -60,6 +60,15 @@ def test_chunked_loss_and_grads_match_unchunked(chunk, tie):
 
 @pytest.mark.parametrize("chunk", [1, 7, N, N + 5])
 def test_chunked_function_bf16(chunk):
+    """bf16 head against an fp64 reference on the same (bf16-valued) inputs, with per-token weights.
+
+    Stated tolerances: the logits are rounded once to bf16 (unit roundoff u = 2^-8) for the
+    log-sum-exp, the target logit z_t is exact in fp32, so each per-token loss lse(z) - z_t is within
+    u * max_j |z_j| = 2^-8 * max_j |z_j| (+ 1e-5 for fp32) of the exact one. Gradients (bf16
+    softmax-minus-onehot times bf16 weights): Frobenius-relative error <= 2^-6 (observed ~0.5 % at
+    these logit sizes, |z| <= ~15). The log-sum-exp must be the HF-Llama bf16 head's: the loss equals
+    F.cross_entropy of the bf16 logits upcast to fp32, up to the rounding of z_t (u * |z_t|).
+    """
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, 32, generator=g).bfloat16().requires_grad_()
     W = (torch.randn(97, 32, generator=g) * 0.5).bfloat16().requires_grad_()
@@ -67,14 +76,51 @@ def test_chunked_function_bf16(chunk):
     targets = targets.view(-1)
     loss = ChunkedCrossEntropy.apply(h, W, targets, chunk)
     (loss * w.view(-1)).sum().backward()
-    h_ref, W_ref = h.detach().float().requires_grad_(), W.detach().float().requires_grad_()
-    ref = F.cross_entropy(h_ref @ W_ref.t(), targets, reduction="none", ignore_index=-100)
-    (ref * w.view(-1)).sum().backward()
-    assert loss.dtype == torch.float32  # fp32 math on upcast bf16 inputs
-    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    z = h64 @ W64.t()
+    ref = F.cross_entropy(z, targets, reduction="none", ignore_index=-100)
+    (ref * w.view(-1).double()).sum().backward()
+    assert loss.dtype == torch.float32 and (loss[targets == -100] == 0).all()
+    bound = 2.0 ** -8 * z.abs().amax(dim=1) + 1e-5
+    assert ((loss.double() - ref).abs() <= bound).all()
+    logits = F.linear(h.detach(), W.detach())
+    hf = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=-100)
+    z_t = logits.float().gather(1, targets.clamp_min(0)[:, None]).squeeze(1)
+    assert ((loss - hf).abs() <= 2.0 ** -8 * z_t.abs() + 1e-5).all()
     assert h.grad.dtype == W.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(h.grad, h_ref.grad.bfloat16(), atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(W.grad, W_ref.grad.bfloat16(), atol=1e-2, rtol=1e-2)
+    for got, want in ((h.grad, h64.grad), (W.grad, W64.grad)):
+        assert (got.double() - want).norm() <= 2.0 ** -6 * want.norm()
+
+
+def test_chunked_function_bf16_is_not_fp32_math():
+    """The bf16 head really multiplies in bf16: with logits that bf16 cannot hold exactly its loss
+    differs from the fp32-matmul loss (the old head, which upcast h and the weight)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(64, 64, generator=g).bfloat16()
+    W = torch.randn(128, 64, generator=g).bfloat16()
+    targets = torch.randint(0, 128, (64,), generator=g)
+    fp32_math = F.cross_entropy(h.float() @ W.float().t(), targets, reduction="none")
+    assert (ChunkedCrossEntropy.apply(h, W, targets, 16) - fp32_math).abs().max() > 1e-3
+
+
+def test_chunked_function_rejects_mixed_dtypes():
+    with pytest.raises(TypeError, match="share a dtype"):
+        ChunkedCrossEntropy.apply(torch.zeros(2, 4), torch.zeros(3, 4).bfloat16(), torch.zeros(2).long(), 2)
+
+
+def test_head_under_autocast_runs_in_the_autocast_dtype():
+    """Under torch.autocast (the DDP anchor, tools/bench_ddp.py) the head multiplies in bf16 like
+    F.linear would, and still returns fp32 per-token losses."""
+    model = make()
+    tokens, targets, _ = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, targets)
+        h = model._hidden(tokens)
+    assert loss.dtype == torch.float32
+    want = ChunkedCrossEntropy.apply(h.flatten(0, 1).bfloat16(), model.lm_head.weight.bfloat16(),
+                                     targets.flatten(), TINY.loss_chunk_tokens).view(targets.shape)
+    assert torch.equal(loss, want)
+    assert (loss - model(tokens, targets)).abs().max() > 1e-4  # not the fp32 head
 
 
 def test_bf16_model_close_to_logits_reference():
@@ -141,8 +187,34 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
             key = f"layers.{i}.attn.{w}.weight"
             sd[key] = sd[key].view(1, 8, 32).repeat_interleave(4, dim=0).reshape(32, 32)
     mha.load_state_dict(sd)
-    tokens, targets, _ = batch()
-    torch.testing.assert_close(mha(tokens, targets), gqa(tokens, targets))
+    tokens, targets, w = batch()
+    loss_mha, loss_gqa = mha(tokens, targets), gqa(tokens, targets)
+    torch.testing.assert_close(loss_mha, loss_gqa)
+    (loss_mha * w).sum().backward()
+    (loss_gqa * w).sum().backward()
+    for name, p in gqa.named_parameters():  # a shared K/V head gets the sum of its copies' gradients
+        want = dict(mha.named_parameters())[name].grad
+        if name.endswith(("attn.wk.weight", "attn.wv.weight")):
+            want = want.view(4, 8, 32).sum(0)
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_hf_llama_bit_for_bit(dtype):
+    """HF LlamaRMSNorm: fp32 normalisation, cast back, then the weight; forward and gradients."""
+    norm = make().norm.to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32) + 0.5)
+    x = (torch.randn(3, 5, 32) * 3).to(dtype).requires_grad_()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    xf = x_ref.float()
+    ref = w_ref * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype and torch.equal(got, ref)
+    g = torch.randn(3, 5, 32).to(dtype)
+    got.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(norm.weight.grad, w_ref.grad)
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1])

@@ -316,6 +316,9 @@ def render_markdown(result: dict) -> str:
         mark = "PASS" if t["passed"] else "FAIL"
         lines.append(f"- [{'x' if t['passed'] else ' '}] **{mark}** {t['target']}: {t['measured']}"
                      + ("" if t["passed"] else f". Why: {t['detail']}"))
+    from blade.bench.profile import render_profile
+
+    lines += render_profile(result.get("profile") or {})
     lo = result["loader"]
     lines += ["", f"Data loader alone: {lo['tokens_per_s']:,.0f} tokens/s over {m['world_size']} ranks "
               f"({lo['steps']} steps per rank, num_workers={lo['num_workers']}).", "",

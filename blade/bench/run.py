@@ -16,7 +16,8 @@ What happens on every rank:
 4. each strategy that re-syncs its reference (blade) times one real reference phase (score K pool
    batches with u and the outgoing w, sync, K reference steps), and the sync is run once more under a
    counter of every collective op (torch dispatch of c10d ops, so nothing escapes it);
-5. one real checkpoint save per strategy is timed;
+5. `--profile`: one more step per strategy under torch.profiler (blade/bench/profile.py);
+   one real checkpoint save per strategy is timed;
 6. CPU only: `--memory-steps` untimed steps per strategy measure the peak memory (the
    definition: blade/bench/report.py).
 
@@ -74,7 +75,7 @@ def bench_overrides(strategy: str, run_dir: str) -> list[str]:
 
 def run_bench(config: str | None, overrides: list[str], world, strategies=STRATEGIES, warmup: int = 3,
               steps: int = 10, out: str = "runs/bench", measure_checkpoint: bool = True,
-              command: str = "", say=print, memory_steps: int = 3) -> dict | None:
+              command: str = "", say=print, memory_steps: int = 3, profile: bool = False) -> dict | None:
     """Run on every rank (the world is set up); returns the result on rank 0 (None elsewhere)."""
     from blade.config import load_config
     from blade.train import schedule
@@ -167,6 +168,13 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
         if main and (r + 1) % max(1, steps // 5) == 0:
             say(f"bench: {r + 1}/{steps} timed rounds")
 
+    profiles = {}
+    if profile:  # after the timing: the profiler's overhead never reaches a timed step
+        from blade.bench.profile import profile_steps
+
+        profiles = profile_steps(trainers, steps_done, out, main, world.device, device_sync, barrier)
+        say(f"bench: profiled one step of {', '.join(trainers)} into {out}/profile/")
+
     if measure_checkpoint:
         for name in strategies:
             tr, run = trainers[name], raw[name]
@@ -231,6 +239,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
         "memory_note": probe.note(), "bench_overrides": bench_overrides("STRATEGY", "OUT/runs/STRATEGY"),
     }
     result["targets"] = check_targets(result)
+    result["profile"] = profiles
     result["raw"] = {name: {"step_s": [max(g[name].step_s[i] for g in gathered)
                                        for i in range(len(raw[name].step_s))]} for name in strategies}
     write_outputs(result, out)

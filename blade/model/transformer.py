@@ -25,23 +25,35 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of `h @ weight.T` against `targets`, `chunk` rows at a time.
 
     apply(h [N, D], weight [V, D], targets [N], chunk) -> loss [N], 0 where targets == IGNORE_INDEX.
-    Logits are computed in fp32 (fp64 for fp64 inputs) whatever the input dtype. Only h, weight,
+    The logits matmul runs in the inputs' dtype (bf16 for a bf16 model: the logits are rounded to bf16,
+    as Hugging Face Llama's bf16 head returns them); log-sum-exp, the loss and the softmax of backward
+    are computed in fp32 (fp64 for fp64 inputs), and the loss is fp32. For low-precision inputs the
+    target's logit is an exact fp32 dot product, so of the logits only the log-sum-exp sees bf16
+    rounding (it halves the error bound and made a bf16 model's selection decisions 1.6x closer to an
+    fp32 model's on the quickstart: tools/head_selection_check.py). The gradient matmuls run in the
+    inputs' dtype again; the weight gradient is accumulated in fp32 across chunks. Only h, weight,
     targets and the per-row logsumexp are saved; backward recomputes each chunk's logits, so peak
-    memory is one [chunk, V] block (plus an fp32 copy of a low-precision weight) in both passes.
+    memory is one [chunk, V] block of logits (one copy in each dtype) in both passes. No copy of the
+    weight is made. fp32 inputs run exactly the fp32 arithmetic of before.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
+        if h.dtype != weight.dtype:
+            raise TypeError(f"h and weight must share a dtype, got {h.dtype} and {weight.dtype}")
         acc = torch.promote_types(h.dtype, torch.float32)
-        w = weight.to(acc)
         valid = targets != IGNORE_INDEX
         safe = targets.masked_fill(~valid, 0)
         lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
         loss = torch.empty_like(lse)
         for s in range(0, h.shape[0], chunk):
-            logits = h[s:s + chunk].to(acc) @ w.t()
+            logits = (h[s:s + chunk] @ weight.t()).to(acc)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            loss[s:s + chunk] = lse[s:s + chunk] - logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            if h.dtype == acc:
+                target_logit = logits.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            else:  # exact in fp32 ([chunk, D]): only the log-sum-exp sees bf16-rounded logits
+                target_logit = (h[s:s + chunk].to(acc) * weight[safe[s:s + chunk]].to(acc)).sum(-1)
+            loss[s:s + chunk] = lse[s:s + chunk] - target_logit
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.chunk = chunk
         return loss.masked_fill_(~valid, 0.0)
@@ -50,22 +62,30 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         h, weight, targets, lse = ctx.saved_tensors
-        acc, chunk = lse.dtype, ctx.chunk
-        w = weight.to(acc)
+        acc, chunk, low = lse.dtype, ctx.chunk, h.dtype
         valid = targets != IGNORE_INDEX
         safe = targets.masked_fill(~valid, 0)
         scale = torch.where(valid, grad_loss.to(acc), 0.0)  # ignored rows get a zero gradient
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        # fp32 (fp64) accumulator of the weight gradient; a low-precision single chunk needs none
+        direct = low != acc and h.shape[0] <= chunk
+        grad_w = None
+        if ctx.needs_input_grad[1] and not direct:
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for s in range(0, h.shape[0], chunk):
-            h_c = h[s:s + chunk].to(acc)
-            g = (h_c @ w.t()).sub_(lse[s:s + chunk, None]).exp_()  # softmax
+            h_c = h[s:s + chunk]
+            g = (h_c @ weight.t()).to(acc).sub_(lse[s:s + chunk, None]).exp_()  # softmax
             g[torch.arange(g.shape[0], device=g.device), safe[s:s + chunk]] -= 1.0  # - onehot
-            g.mul_(scale[s:s + chunk, None])
+            g = g.mul_(scale[s:s + chunk, None]).to(low)
             if grad_h is not None:
-                grad_h[s:s + chunk] = g @ w
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), h_c)
+                grad_h[s:s + chunk] = g @ weight
+            if ctx.needs_input_grad[1]:
+                if direct:
+                    grad_w = g.t() @ h_c
+                elif low == acc:
+                    grad_w.addmm_(g.t(), h_c)
+                else:
+                    grad_w += g.t() @ h_c
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None
@@ -97,9 +117,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # normalise in fp32, as HF Llama does
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # HF Llama: normalise in fp32, cast back, then scale (torch's rms_norm would scale before the
+        # cast, so it normalises only; on the CPU it equals x * rsqrt(mean(x^2) + eps) bit for bit)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -120,11 +140,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:  # K/V head j serves query heads j*rep .. j*rep+rep-1 (HF repeat_kv)
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # K/V head j serves query heads j*rep .. j*rep+rep-1 (HF repeat_kv), without repeating K/V
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+                                           is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
@@ -171,7 +189,11 @@ class LMHead(nn.Module):
     def forward(self, h, targets=None):
         if targets is None:
             return F.linear(h, self.weight)
-        loss = ChunkedCrossEntropy.apply(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1),
+        weight = self.weight
+        if torch.is_autocast_enabled(h.device.type):  # the matmul in autocast's dtype, as F.linear would
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
+        loss = ChunkedCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1),
                                          self.chunk)
         return loss.view(targets.shape)
 

@@ -15,6 +15,7 @@ import math
 import torch
 
 from blade.config import BladeConfig, deep_merge
+from blade.model.compile import check_compile, compile_blocks
 from blade.model.transformer import Transformer
 from blade.runtime import zero
 from blade.runtime.dist import all_reduce, rank_and_world
@@ -82,7 +83,7 @@ def deepspeed_config(cfg: BladeConfig, world_size: int, bf16: bool | None = None
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": True}},  # torch's AdamW: no JIT-compiled fused op needed
+            "torch_adam": True, **({"fused": True} if o.fused else {})}},  # torch's AdamW: no JIT op
         "bf16": {"enabled": cfg.train.precision == "bf16" if bf16 is None else bf16},
     }
     return deep_merge(ds, cfg.deepspeed.extra)
@@ -112,7 +113,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
                  bf16: bool | None = None, offload_params: bool = False, init_from: str | None = None):
     """One DeepSpeed engine around a freshly initialised Transformer (same seed => same init), with
-    the weights of the pretrained checkpoint `init_from` when given.
+    the weights of the pretrained checkpoint `init_from` when given; its blocks compiled when
+    `train.compile`.
 
     At ZeRO-3 the model is built under deepspeed.zero.Init: each module's parameters are partitioned
     as soon as the module exists, so no rank ever holds more than its partitions plus one module's full
@@ -124,6 +126,8 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
 
     config = deepspeed_config(cfg, world_size, bf16, offload_params)
     sharded = cfg.deepspeed.zero_stage == 3
+    if cfg.train.compile:
+        check_compile("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32, enabled=sharded):
         model = Transformer(cfg.model)
@@ -142,6 +146,8 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=config, lr_scheduler=scheduler)
     engine.checkpoint_engine = SafeLoads(engine.checkpoint_engine)  # loads never run code
+    if cfg.train.compile:  # after initialize: DeepSpeed's hooks are in place, names unchanged
+        compile_blocks(engine.module)
     return engine
 
 
