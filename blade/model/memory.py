@@ -5,7 +5,8 @@ same), DeepSpeed's fp32 master copy (4; kept even in fp32, docs/deepspeed_cpu.md
 moments (8): 16 bytes in bf16, 20 in fp32 (the ZeRO paper's accounting, 2 + 2 + 12 for mixed
 precision). ZeRO shards over the N ranks: stage 1 the master and moments, stage 2 also the gradients,
 stage 3 also the weights. rho1 and blade train a second model (the reference) with its own optimizer,
-so their state is the sum of both. Activations are not counted: the advice keeps a share of the memory
+so their state is the sum of both: the peak of a reference phase (at ZeRO-3 the reference keeps only
+its weights between phases, blade/runtime/zero.py release_training_state). Activations are not counted: the advice keeps a share of the memory
 free for them (FIT_SHARE).
 
 Why it matters: below stage 3 each rank keeps the full weights, so forward and backward need no
