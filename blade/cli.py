@@ -76,7 +76,7 @@ def cmd_train(args) -> None:
         check_compile("cuda" if torch.cuda.is_available() else "cpu")
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        have_data = all(os.path.isfile(os.path.join(d, "manifest.json")) for d in cfg.data.train_dirs())
+        have_data = all(os.path.isfile(os.path.join(d, "manifest.json")) for d in cfg.data.dirs("train"))
         seq_len = check_paths(cfg)["train"]["seq_len"] if have_data else cfg.model.max_seq_len
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print(describe_layout(cfg, world, seq_len))

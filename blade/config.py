@@ -55,16 +55,17 @@ class DataConfig:
     # training pool: a directory written by `blade prepare`, or {directory: weight, ...} to draw from
     # several in those proportions (blade/data/mixture.py)
     train: Union[str, dict] = "data/builtin/train"
-    target: Optional[str] = "data/builtin/target"  # target set D_val the reference trains on
+    target: Union[str, dict, None] = "data/builtin/target"  # target set D_val the reference trains on (or a mixture)
     val: Optional[str] = "data/builtin/val"        # held-out evaluation set
     shuffle: bool = True
     num_workers: int = 0               # dataloader worker processes per rank
     on_bad_shard: Literal["error", "skip"] = "error"
     on_exhausted: Literal["repeat", "stop"] = "repeat"  # a training source runs out: next epoch, or end the run
 
-    def train_dirs(self) -> list[str]:
-        """The training directories: data.train, or the directories of its mixture."""
-        return list(self.train) if isinstance(self.train, dict) else [self.train]
+    def dirs(self, key: str) -> list[str]:
+        """The directories of data.train / data.target / data.val: one, those of a mixture, or none."""
+        value = getattr(self, key)
+        return list(value) if isinstance(value, dict) else [value] if value is not None else []
 
 
 @dataclass
@@ -307,8 +308,9 @@ def validate(cfg: BladeConfig) -> None:
     if m.init_from is not None and not os.path.exists(m.init_from):
         raise ConfigError(f"config error: model.init_from: no checkpoint at '{m.init_from}' (give a "
                           "Hugging Face checkpoint directory or a .gguf file)")
-    if isinstance(cfg.data.train, dict):
-        _check_mixture("data.train", cfg.data.train)
+    for key in ("train", "target"):
+        if isinstance(getattr(cfg.data, key), dict):
+            _check_mixture(f"data.{key}", getattr(cfg.data, key))
     resume = cfg.checkpoint.resume
     if resume not in ("none", "auto") and not os.path.isdir(resume):
         raise ConfigError(f"config error: checkpoint.resume: no checkpoint at '{resume}' "

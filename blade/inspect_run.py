@@ -104,7 +104,7 @@ def _tokenizer_for(run_dir: str):
     from blade.data.tokenizer import Tokenizer
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    train = cfg.data.train_dirs()[0]
+    train = cfg.data.dirs("train")[0]
     for folder in (train, os.path.dirname(os.path.normpath(train))):
         path = os.path.join(folder, "tokenizer.model")
         if os.path.exists(path):

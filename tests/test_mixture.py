@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blade.config import load_config
-from blade.data.mixture import BLOCK, MixedDataset, block_counts
+from blade.data.mixture import BLOCK, MixedDataset, block_counts, open_dataset
 from blade.data.reader import DataStream, ShardDataset
 from blade.errors import ConfigError, DataError, DataExhausted
 from tests.test_data import make_dataset
@@ -124,9 +124,21 @@ def test_bad_mixtures_are_one_line_config_errors(value, message):
         load_config(None, [f"data.train={value}"])
 
 
+def test_target_mixtures_are_checked_like_training_mixtures(dirs):
+    from blade.data.paths import check_paths
+
+    cfg = load_config(None, [f"data.train={dirs[0]}", f"data.target={{{dirs[0]}: 1, {dirs[1]}: 2}}", "data.val=null",
+                             "model.max_seq_len=64"])
+    assert check_paths(cfg)["target"]["seq_len"] == 8 and cfg.data.dirs("target") == list(dirs)
+    missing = load_config(None, [f"data.train={dirs[0]}", f"data.target={{{dirs[0]}: 1, nowhere: 1}}"])
+    with pytest.raises(ConfigError, match=r"data.target\[nowhere\]: no manifest.json"):
+        check_paths(missing)
+    assert isinstance(open_dataset(cfg.data.target), MixedDataset)
+
+
 def test_a_mixture_config_loads():
     cfg = load_config(None, ["data.train={data/web: 3, data/code: 1}", "data.on_exhausted=stop"])
-    assert cfg.data.train == {"data/web": 3, "data/code": 1} and cfg.data.train_dirs() == ["data/web", "data/code"]
+    assert cfg.data.train == {"data/web": 3, "data/code": 1} and cfg.data.dirs("train") == ["data/web", "data/code"]
 
 
 # ----------------------------------------------------------------------------- in the trainer

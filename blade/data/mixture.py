@@ -1,4 +1,4 @@
-"""Weighted mixtures of prepared datasets: `data.train: {dir_a: 0.8, dir_b: 0.2}`.
+"""Weighted mixtures of prepared datasets: `data.train: {dir_a: 0.8, dir_b: 0.2}` (data.target too).
 
 The global stream is cut into blocks of BLOCK positions. Every block holds each component's fixed quota
 (the weights, rounded by largest remainder), in an order drawn from default_rng([MIX_TAG, seed, block]);
@@ -81,7 +81,7 @@ class MixedDataset:
         for part in self.parts[1:]:
             if (part.seq_len, part.manifest["tokenizer"].get("sha256")) != \
                     (first.seq_len, first.manifest["tokenizer"].get("sha256")):
-                raise DataError(f"data.train mixes {first.path} and {part.path}, which differ in seq_len or "
+                raise DataError(f"a mixture of {first.path} and {part.path}, which differ in seq_len or "
                                 "tokenizer: prepare every component with the same tokenizer and --seq-len")
         self.seq_len, self.vocab_size, self.manifest = first.seq_len, first.vocab_size, first.manifest
         self.source_names = list(dict.fromkeys(n for p in self.parts for n in p.source_names))

@@ -13,13 +13,11 @@ def check_paths(cfg: BladeConfig) -> dict[str, dict]:
     """Data directories must exist and hold manifest.json (target/val may be null), and their sequences
     must fit the model and each other. Returns {key: manifest} of the directories given."""
     manifests = {}
-    dirs = [(f"data.train[{d}]" if isinstance(cfg.data.train, dict) else "data.train", d)
-            for d in cfg.data.train_dirs()]
-    for key, path in dirs + [("data.target", cfg.data.target), ("data.val", cfg.data.val)]:
-        if path is None and key != "data.train":
-            continue
-        if path is None:
-            raise ConfigError("config error: data.train is required: the directory `blade prepare` wrote")
+    if cfg.data.train is None:
+        raise ConfigError("config error: data.train is required: the directory `blade prepare` wrote")
+    dirs = [(f"data.{name}[{d}]" if isinstance(getattr(cfg.data, name), dict) else f"data.{name}", d)
+            for name in ("train", "target", "val") for d in cfg.data.dirs(name)]
+    for key, path in dirs:
         file = os.path.join(path, "manifest.json")
         if not os.path.isfile(file):
             raise ConfigError(f"config error: {key}: no manifest.json in '{path}' "

@@ -117,11 +117,11 @@ def _check_model(model, ck: dict, path: str) -> None:
 
 
 def load_pretrained(model, path: str) -> list[str]:
-    """Copy a checkpoint's weights into a blade Transformer (plain, or ZeRO-3 partitioned: every
-    rank must call it then). Returns the loaded parameter names."""
+    """Copy a checkpoint's weights into a blade Transformer (plain, or ZeRO-3 partitioned: every rank
+    reads each tensor, one at a time, and keeps the part it owns). Returns the loaded parameter names."""
     import torch
 
-    from blade.runtime.zero import full_shape, gathered
+    from blade.runtime.zero import full_shape, set_from_full
 
     kind = checkpoint_kind(path)
     ck = model_config_from_pretrained(path)
@@ -143,8 +143,7 @@ def load_pretrained(model, path: str) -> list[str]:
             if tuple(value.shape) != shape:
                 raise BladeError(f"shape mismatch for {name} in {path}: checkpoint "
                                  f"{tuple(value.shape)}, model {shape}")
-            with gathered(p):
-                p.data.copy_(value)
+            set_from_full(p, value)  # ZeRO-3: this rank's part only
             loaded.append(name)
     missing = sorted(set(params) - set(loaded), key=_param_order(params))
     if missing:

@@ -54,6 +54,19 @@ def gathered(p: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters(p, modifier_rank=0)
 
 
+def set_from_full(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a parameter from its whole value, which every rank holds: a ZeRO-3 rank copies only the part
+    it owns (no collective, no gathered copy); below stage 3 the whole tensor."""
+    if not hasattr(p, "ds_tensor"):
+        p.data.copy_(value)
+        return
+    import torch.distributed as dist
+
+    part = p.ds_tensor.numel()
+    mine = value.flatten()[dist.get_rank() * part:][:part]
+    p.ds_tensor.data[:mine.numel()].copy_(mine)
+
+
 def cast_partitions(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the ZeRO-3 partitions (and their placeholders) of a model built under zero.Init in fp32."""
     for p in model.parameters():

@@ -50,7 +50,7 @@ class Trainer:
         if cfg.model.init_from:  # the data must be tokenized for the pretrained model's vocabulary
             from blade.interop.pretrained import check_data_compat
 
-            for path in filter(None, (*cfg.data.train_dirs(), cfg.data.target, cfg.data.val)):
+            for path in (*cfg.data.dirs("train"), *cfg.data.dirs("target"), *cfg.data.dirs("val")):
                 check_data_compat(cfg.model.init_from, path)
         resume_path = state.resume_point(cfg, world, self.say)  # before the engines: refusals come fast
 
