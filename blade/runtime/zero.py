@@ -60,11 +60,12 @@ def set_from_full(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     if not hasattr(p, "ds_tensor"):
         p.data.copy_(value)
         return
-    import torch.distributed as dist
+    from blade.runtime.dist import rank_and_world
 
-    part = p.ds_tensor.numel()
-    mine = value.flatten()[dist.get_rank() * part:][:part]
-    p.ds_tensor.data[:mine.numel()].copy_(mine)
+    rank = rank_and_world()[0]
+    mine = owned_part(p, rank)
+    start = rank * p.ds_tensor.numel()
+    mine.copy_(value.flatten()[start:start + mine.numel()])
 
 
 def cast_partitions(model: torch.nn.Module, dtype: torch.dtype) -> None:
