@@ -19,7 +19,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -142,16 +142,6 @@ class _DocIndex:
                 f.close()
 
 
-def read_documents(path: str) -> Iterator[Document]:
-    """Documents of one input: a JSONL file (one object per line) or a .txt file (one document)."""
-    index = _DocIndex.build([path])
-    return index.documents(np.arange(len(index.which)))
-
-
-def iter_documents(inputs: Iterable[str]) -> Iterator[Document]:
-    return itertools.chain.from_iterable(read_documents(p) for p in inputs)
-
-
 class _Names:
     """First-seen-order name -> id registry (ids must fit the on-disk integer type)."""
 
@@ -218,10 +208,9 @@ def _tokenized(index: _DocIndex, order: np.ndarray, tok, workers: int) -> Iterat
             yield from docs
 
 
-def _write_split(inputs: list[str], out_dir: str, seq_len: int, tok: Tokenizer, sources: _Names,
+def _write_split(index: _DocIndex, out_dir: str, seq_len: int, tok: Tokenizer, sources: _Names,
                  labels: _Names, shard_sequences: int, seed: int, mix: bool, workers: int) -> dict:
-    """Index, mix, tokenize and pack one split."""
-    index = _DocIndex.build(inputs)
+    """Mix, tokenize and pack one split."""
     n = len(index.which)
     order = np.random.default_rng(seed).permutation(n) if mix else np.arange(n)
     packer = ShardPacker(out_dir, seq_len, shard_sequences, token_dtype(tok.vocab_size))
@@ -254,12 +243,11 @@ def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: 
     for d, inputs in dirs.items():
         if not inputs:
             raise DataError(f"no input files given for {d}: pass .jsonl or .txt files")
-        for p in inputs:
-            _check_input(p)
+    indices = {d: _DocIndex.build(inputs) for d, inputs in dirs.items()}  # every line checked up front
     os.makedirs(tok_dir, exist_ok=True)
     if tokenizer is None:
         tok_path = os.path.join(tok_dir, TOKENIZER_FILE)
-        all_text = (doc.text for inputs in dirs.values() for doc in iter_documents(inputs))
+        all_text = (doc.text for index in indices.values() for doc in index.documents(np.arange(len(index.which))))
         train_sentencepiece(all_text, vocab_size, tok_path, seed=seed)
         tok = Tokenizer(tok_path)
     else:  # SentencePiece .model, HF tokenizer.json or .gguf: saved as tokenizer.model / .json
@@ -267,14 +255,14 @@ def _prepare(dirs: dict[str, list[str]], tok_dir: str, seq_len: int, tokenizer: 
         _save_tokenizer(tok, tok_dir)
     sources, labels = _Names("source", MAX_SOURCES), _Names("label", MAX_LABELS)
     splits = {}
-    for d, inputs in dirs.items():
+    for d, index in indices.items():
         os.makedirs(d, exist_ok=True)
         for pattern in ("manifest.json", "shard-*.tar"):  # outputs of an earlier run
             for stale in glob.glob(os.path.join(d, pattern)):
                 os.remove(stale)
         if os.path.abspath(d) != os.path.abspath(tok_dir):
             _save_tokenizer(tok, d)
-        splits[d] = _write_split(inputs, d, seq_len, tok, sources, labels, shard_sequences, seed, mix,
+        splits[d] = _write_split(index, d, seq_len, tok, sources, labels, shard_sequences, seed, mix,
                                  workers)
     manifests = {}
     for d, s in splits.items():  # written last, with the name lists complete across all splits

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import warnings
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -73,6 +74,7 @@ class ShardDataset:
         self.seq_len = self.manifest["seq_len"]
         self.vocab_size = self.manifest["vocab_size"] if vocab_size is None else vocab_size
         self.source_names, self.label_names = self.manifest["sources"], self.manifest["labels"]
+        self.names = [path]  # one per stream it draws from (a MixedDataset has several)
         self.shards, self.skipped_shards, self._skipped_shard_sequences = [], [], 0
         for entry in self.manifest["shards"]:
             try:
@@ -262,8 +264,7 @@ class DataStream:
         if self.stop_when_exhausted:
             over = np.flatnonzero(self.order.drawn(self._position + global_batch) > self.order.lengths)
             if len(over):
-                names = getattr(self.ds, "names", [self.ds.path])
-                raise DataExhausted(f"{names[over[0]]} is used up after {self._position:,} sequences of the "
+                raise DataExhausted(f"{self.ds.names[over[0]]} is used up after {self._position:,} sequences of the "
                                     "stream (data.on_exhausted=stop): the run ends here; "
                                     "data.on_exhausted=repeat starts its next epoch instead")
         if self._batches is None:
