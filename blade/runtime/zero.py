@@ -131,7 +131,7 @@ def _training_tensors(engine) -> list[tuple[torch.Tensor, bool]]:
     moments and gradient partitions do; the reduce buckets are scratch (torch.empty in DeepSpeed, and
     zeroing DeepSpeed's default 5e8-element bucket would touch 2 GB that the CPU otherwise never maps)."""
     opt = engine.optimizer
-    out = [(t, True) for t in getattr(opt, "fp32_partitioned_groups_flat", [])]
+    out = [(t, True) for t in master_partitions(engine)]
     out += [(v, True) for state in base_optimizer(engine).state.values() for v in state.values()
             if torch.is_tensor(v) and v.dim() > 0]  # exp_avg, exp_avg_sq (not the 0-dim step)
     if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
