@@ -32,6 +32,7 @@ def cmd_prepare(args) -> None:
                                      seed=args.seed)
         counts = ", ".join(f"{k} {v['sequences']:,}" for k, v in manifest["splits"].items())
         print(f"prepared the {args.recipe} corpus in {args.out} (sequences: {counts}); see recipe.json")
+        print(manifest["package_drift"])
         return
     if args.builtin:
         from blade.data.corpus import generate_builtin_corpus

@@ -107,7 +107,8 @@ def _prepare_data(data: str, cache: str, size: str, say) -> dict | None:
         if manifest.get("size") != size:
             raise BladeError(f"{data} holds the {manifest.get('size')!r} corpus, this experiment "
                              f"needs {size!r}: pass another --data or delete it")
-        say(f"data: reusing {data} (recipe.json)")
+        say(f"data: reusing {data} (recipe.json)" + (f"; {manifest['package_drift']}"
+                                                       if "package_drift" in manifest else ""))
         return manifest
     elif os.path.exists(data):
         missing = [s for s in SPLITS if not os.path.isfile(os.path.join(data, s, "manifest.json"))]
@@ -119,7 +120,9 @@ def _prepare_data(data: str, cache: str, size: str, say) -> dict | None:
     from blade.data.recipes.debian_docs import build_debian_docs
 
     say(f"data: building the debian-docs corpus ({size}) in {data}")
-    return build_debian_docs(data, cache, size=size)
+    manifest = build_debian_docs(data, cache, size=size)
+    say(f"data: {manifest['package_drift']}")
+    return manifest
 
 
 def _split_manifest(data: str, split: str) -> dict:
