@@ -68,8 +68,8 @@ def test_statistics_match_a_hand_computation(tmp_path):
     assert "vs_rho1" not in out["rho1"] and "vs_full" not in out["full"] and "vs_rho1" in out["blade"]
 
     report = open(path).read()
-    assert f"| blade[lam=0] | rho1 | {d:.4f} ± {se:.4f} | 3/3 | {c['p_t']:.3f} | 0.250 | lower, beyond noise |" \
-        in report
+    row = f"| blade[lam=0] | rho1 | {d:.4f} ± {se:.4f} | {se * math.sqrt(3):.4f} | 3/3 | {c['p_t']:.3f} | 0.250 |"
+    assert row + " lower, beyond noise |" in report
     assert "BLADE beats RHO-1 beyond noise (paired t-test p < 0.05) at: blade[lam=0]." in report
     assert "blade − rho1 = " in report and ": within noise." in report
     assert "sign test cannot go below 0.250" in report

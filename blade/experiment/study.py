@@ -127,10 +127,16 @@ def _noise_word(c: dict) -> str:
 
 
 def _paired_table(study: dict) -> list[str]:
-    out = [[label, c["against"], _pm({"mean": c["mean"], "se": c["se"]}), f"{c['lower']}/{c['n']}",
-            _p(c["p_t"]), _p(c["p_sign"]), _noise_word(c)] for label, c in _comparisons(study)]
-    return _table(["run", "against", "Δ final loss (paired mean ± s.e.)", "lower on seeds", "t-test p",
-                   "sign test p", "verdict"], out)
+    out = [[label, c["against"], _pm({"mean": c["mean"], "se": c["se"]}), _sd(c["diffs"]),
+            f"{c['lower']}/{c['n']}", _p(c["p_t"]), _p(c["p_sign"]), _noise_word(c)]
+           for label, c in _comparisons(study)]
+    return _table(["run", "against", "Δ final loss (paired mean ± s.e.)", "s.d. over seeds", "lower on seeds",
+                   "t-test p", "sign test p", "verdict"], out)
+
+
+def _sd(xs: list[float]) -> str:
+    sd = stats.stdev(xs)
+    return "–" if sd is None else f"{sd:.4f}"
 
 
 def _share_table(shares: dict) -> list[str]:
@@ -171,8 +177,9 @@ def verdict(study: dict) -> list[str]:
              f"{rows[best]['final']['n']} seeds)."]
     spreads = [sd for _, c in _comparisons(study) if (sd := stats.stdev(c["diffs"])) is not None]
     if spreads:
-        lines.append(f"- Seed-to-seed spread of the paired differences: standard deviation {min(spreads):.4f} "
-                     f"to {max(spreads):.4f} nats. A single-seed difference smaller than that is noise.")
+        lines.append(f"- Seed-to-seed spread: a paired difference varies between seeds with a standard "
+                     f"deviation of {min(spreads):.4f} to {max(spreads):.4f} nats (Table 2); a single-seed "
+                     "difference smaller than its comparison's spread is noise.")
     lines += [f"- {_versus_line(label, c)}" for label, c in _comparisons(study)]
     blade_vs_rho1 = {label: r["vs_rho1"] for label, r in rows.items()
                      if r["strategy"] == "blade" and r.get("vs_rho1")}
