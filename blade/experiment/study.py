@@ -279,10 +279,18 @@ def plot_final(study: dict, path: str) -> bool:
     return True
 
 
+def _without_diagnostics(study: dict) -> dict:
+    """The study for results.json: score histograms and Dist(u, w) stay in the per-seed reports."""
+    heavy = ("score_hists", "dist_u_w")
+    return {**study, "rows": {label: {**r, "runs": {seed: {k: v for k, v in run.items() if k not in heavy}
+                                                    for seed, run in r["runs"].items()}}
+                              for label, r in study["rows"].items()}}
+
+
 def write_study(out_dir: str, study: dict, meta: dict) -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, **study}, f, indent=1)
+        json.dump({"meta": meta, **_without_diagnostics(study)}, f, indent=1)
     images = [name for (name, _), plot in zip(PLOTS, (plot_bands, plot_final))
               if plot(study, os.path.join(out_dir, name))]
     path = os.path.join(out_dir, "report.md")
