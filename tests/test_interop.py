@@ -90,7 +90,8 @@ def test_hf_import_matches_transformers(hf_case):
     fields = model_config_from_pretrained(path)
     assert fields == {"vocab_size": 96, "dim": 32, "n_layers": 2, "n_heads": 4,
                       "n_kv_heads": c.num_key_value_heads, "ffn_hidden": 48, "max_seq_len": 64,
-                      "rope_theta": 5000.0, "norm_eps": 1e-6, "tie_embeddings": c.tie_word_embeddings}
+                      "rope_theta": 5000.0, "norm_eps": 1e-6, "tie_embeddings": c.tie_word_embeddings,
+                      "qkv_bias": False, "rope_scaling": "none"}
     if "sharded" in path:
         assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     model = import_model(path)
@@ -308,8 +309,13 @@ def copy_ckpt(src, dst, config_edit=None, tensors_edit=None):
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
      r"unsupported architecture GPT2LMHeadModel \(model_type 'gpt2'\)"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}),
+     r"RoPE scaling 'yarn'"),
     (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     r"RoPE scaling 'llama3'"),
+     r"llama3 RoPE scaling without a numeric 'low_freq_factor'"),
+    (lambda c: c.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     r"RoPE scaling 'llama3' \(blade's qwen2 has no such option\)"),
     (lambda c: c.update(attention_bias=True), "attention_bias=true"),
 ])
 def test_unsupported_hf_config(tied, tmp_path, edit, match):
@@ -564,7 +570,7 @@ def test_smollm2_shape_from_gguf():
     assert model_config_from_pretrained(SMOL) == {
         "vocab_size": 49152, "dim": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3,
         "ffn_hidden": 1536, "max_seq_len": 8192, "rope_theta": 100000.0, "norm_eps": 1e-5,
-        "tie_embeddings": True}
+        "tie_embeddings": True, "qkv_bias": False, "rope_scaling": "none"}
 
 
 @needs_smol
