@@ -165,6 +165,12 @@ def test_continual_training_on_two_zero3_ranks_equals_one_process(name, tmp_path
         assert (back(x).logits - trained.logits(x)).abs().max().item() < ATOL
         moved = (back(x).logits - hf(x).logits).abs().max().item()
     assert moved > 1e-3  # five steps at lr 1e-3 changed the model
+    from blade.eval.harness import as_hf_checkpoint  # `blade eval RUN` converts the run the same way
+
+    again = transformers.AutoModelForCausalLM.from_pretrained(as_hf_checkpoint(str(tmp_path / "w2"), str(
+        tmp_path / "eval")), attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, back(x).logits)
     assert np.isclose(trained.cfg.rope_theta, hf.config.rope_parameters["rope_theta"])
 
 
