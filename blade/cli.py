@@ -168,7 +168,7 @@ def cmd_export_hf(args) -> None:
         model_config = load_config(args.config).model
     out = export_hf(args.weights, args.out, model_config=model_config, tokenizer=args.tokenizer,
                     dtype=args.dtype)
-    print(f"wrote a Hugging Face Llama checkpoint to {out}")
+    print(f"wrote a Hugging Face checkpoint to {out}")
 
 
 def cmd_eval(args) -> None:
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("out", help="output directory: model.safetensors, config.yaml, export.json")
     px.set_defaults(func=cmd_export)
 
-    pe = sub.add_parser("export-hf", help="blade weights -> Hugging Face Llama layout (transformers loads it)")
+    pe = sub.add_parser("export-hf", help="blade weights -> Hugging Face layout of the model's family (transformers loads it)")
     pe.add_argument("weights", help="blade weights: .safetensors/.pt file or a directory of .safetensors")
     pe.add_argument("out", help="output directory: config.json, model.safetensors, tokenizer files")
     pe.add_argument("--config", help="run config YAML with the model shape (default: config.json or "
