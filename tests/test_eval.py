@@ -34,6 +34,7 @@ def test_unknown_task_is_one_line():
     one_line(e)
 
 
+@pytest.mark.slow  # two conversions and 2 x 96 forward passes of the 135M model (a minute or two on 2 cores)
 @needs_smol
 def test_blade_eval_on_smollm2_beats_chance_and_repeats(tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="pip install -e .[eval]")
