@@ -54,18 +54,39 @@ def gathered(p: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters(p, modifier_rank=0)
 
 
-def set_from_full(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set a parameter from its whole value, which every rank holds: a ZeRO-3 rank copies only the part
-    it owns (no collective, no gathered copy); below stage 3 the whole tensor."""
+def owned_range(p: torch.nn.Parameter, rank: int) -> tuple[int, int]:
+    """The flat element range [start, end) of the whole parameter that this rank owns (everything
+    below stage 3)."""
     if not hasattr(p, "ds_tensor"):
-        p.data.copy_(value)
-        return
+        return 0, p.numel()
+    start = rank * p.ds_tensor.numel()
+    return start, start + owned_part(p, rank).numel()
+
+
+def owned_rows(p: torch.nn.Parameter, rank: int) -> tuple[int, int]:
+    """The rows [r0, r1) (slices along dim 0) that hold this rank's elements: what a loader reads."""
+    start, end = owned_range(p, rank)
+    shape = full_shape(p)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return (start // row, -(-end // row)) if end > start else (0, 0)
+
+
+def set_from_rows(p: torch.nn.Parameter, read_rows) -> int:
+    """Set a parameter from `read_rows(r0, r1)`, which returns rows r0..r1 of its whole value: a ZeRO-3
+    rank reads and copies only the rows that hold its part (no collective, no whole copy); below
+    stage 3 every row. Returns the number of elements read."""
     from blade.runtime.dist import rank_and_world
 
-    rank = rank_and_world()[0]
+    rank = rank_and_world()[0] if hasattr(p, "ds_tensor") else 0
+    start, end = owned_range(p, rank)
+    r0, r1 = owned_rows(p, rank)
+    if r1 == r0:
+        return 0
+    rows = torch.as_tensor(read_rows(r0, r1)).flatten()
+    offset = start - r0 * (rows.numel() // (r1 - r0))
     mine = owned_part(p, rank)
-    start = rank * p.ds_tensor.numel()
-    mine.copy_(value.flatten()[start:start + mine.numel()])
+    mine.copy_(rows[offset:offset + end - start].view(mine.shape))
+    return rows.numel()
 
 
 def cast_partitions(model: torch.nn.Module, dtype: torch.dtype) -> None:
