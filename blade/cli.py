@@ -4,6 +4,7 @@
     blade prepare --recipe debian-docs --out data/debian-docs [--quick]   # real text from Debian packages
     blade prepare docs.jsonl more.txt --out data/mine --seq-len 512 --vocab-size 8000
     blade train configs/quickstart.yaml train.steps=50 selection.strategy=rho1 [--dry-run]
+    blade plan configs/tinyllama-1.1b.yaml --ranks 8 --memory-gib 80   # peak memory per rank, by part
     blade inspect runs/quickstart
     launch/local.sh 2 --cmd bench -c configs/quickstart.yaml --strategies full,blade   # throughput
     blade export-hf weights.safetensors out/hf --tokenizer data/mine/tokenizer.json
@@ -93,6 +94,23 @@ def cmd_train(args) -> None:
         Trainer(cfg, world).fit()
 
     run_on_ranks(cfg, train)
+
+
+def cmd_plan(args) -> None:
+    from blade.config import load_config
+    from blade.data.paths import check_paths
+    from blade.model.memory import GIB
+    from blade.model.plan import describe_plan
+
+    path, overrides = split_config_args(args.items, args.config)
+    cfg = load_config(path, overrides)
+    if args.ranks < 1:
+        raise BladeError(f"plan --ranks must be >= 1, got {args.ranks}")
+    seq_len = args.seq_len
+    if seq_len is None and all(os.path.isfile(os.path.join(d, "manifest.json")) for d in cfg.data.dirs("train")):
+        seq_len = check_paths(cfg)["train"]["seq_len"]
+    print(describe_plan(cfg, args.ranks, args.memory_gib * GIB if args.memory_gib else None, seq_len,
+                        gpu=not args.cpu))
 
 
 def run_on_ranks(cfg, body) -> None:
@@ -245,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPU's, or the RAM divided by the local ranks)")
     pt.set_defaults(func=cmd_train)
 
+    pl = sub.add_parser("plan", help="peak memory per rank of a config, part by part, and the largest "
+                        "micro-batch that fits (no ranks are launched)")
+    pl.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    pl.add_argument("-c", "--config", help="YAML config (or give it as the first argument)")
+    pl.add_argument("--ranks", type=int, default=1, help="data-parallel ranks (GPUs) in all")
+    pl.add_argument("--memory-gib", type=float, help="memory per rank: says whether the plan fits and the "
+                    "largest micro-batch that does")
+    pl.add_argument("--seq-len", type=int, help="tokens per sequence (default: the prepared data's, else "
+                    "model.max_seq_len)")
+    pl.add_argument("--cpu", action="store_true", help="count what a CPU process makes resident (the "
+                    "touched pages of ZeRO-3's reduce bucket) instead of a GPU's allocation")
+    pl.set_defaults(func=cmd_plan)
+
     pi = sub.add_parser("inspect", help="plots and an HTML page of what a run selected")
     pi.add_argument("run_dir")
     pi.add_argument("--out", help="output directory (default RUN_DIR/inspect)")
@@ -310,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "items") and all("=" in e and not e.startswith("-") for e in extra):
+        args.items += extra  # section.key=value overrides given after the flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except BladeError as e:

@@ -118,6 +118,8 @@ class SelectionConfig:
     ref_precision: Literal["same", "bf16"] = "same"
     ref_offload: bool = False          # ZeRO-3: keep the reference's parameters on the CPU
     diag_interval: int = 25            # steps between score histograms / dist_u_w / per-source rates; 0 = off
+    exact_interval: int = 0            # steps between exact bi-level oracle measurements (tiny models); 0 = off
+    exact_target_sequences: int = 64   # first sequences of data.target in the oracle's fixed target batch
 
 
 @dataclass
@@ -264,6 +266,7 @@ _RANGES = {
     "selection.gamma": "in (0, 1]", "selection.tau": ">= 1", "selection.k_ref_steps": ">= 0",
     "selection.rho1_ref_steps": ">= 0", "selection.lam": ">= 0", "selection.eta": "in [0, 1]",
     "selection.warmup_full_ce_steps": ">= 0", "selection.diag_interval": ">= 0",
+    "selection.exact_interval": ">= 0", "selection.exact_target_sequences": ">= 1",
     "checkpoint.interval": ">= 0", "checkpoint.keep_last_n": ">= 1",
     "deepspeed.zero_stage": "one of 0, 1, 2, 3",
     "dist.timeout_s": ">= 1", "dist.threads_per_rank": ">= 0",
@@ -319,6 +322,13 @@ def validate(cfg: BladeConfig) -> None:
                           "deepspeed.zero_stage >= 1 (at stage 0 the two engines keep different master "
                           "copies and the sync cannot copy one into the other); raise the stage or use "
                           "ref_precision=same")
+    if sel.exact_interval and cfg.data.target is None:
+        raise ConfigError("config error: selection.exact_interval needs data.target (the oracle measures "
+                          "the change of the target loss): set data.target or selection.exact_interval=0")
+    if sel.exact_interval and cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("config error: selection.exact_interval with train.precision=bf16 needs "
+                          "deepspeed.zero_stage >= 1 (the oracle reads the fp32 master weights and AdamW "
+                          "moments where ZeRO keeps them); raise the stage or set selection.exact_interval=0")
     if m.init_from is not None and not os.path.exists(m.init_from):
         raise ConfigError(f"config error: model.init_from: no checkpoint at '{m.init_from}' (give a "
                           "Hugging Face checkpoint directory or a .gguf file)")

@@ -207,11 +207,13 @@ def test_merge_pretrained_config_takes_shape_and_rejects_conflicts(hf_case):
         merge_pretrained_config({"init_from": path, "tie_embeddings": not hf.config.tie_word_embeddings})
 
 
-def _zero3_case(rank, world, path, x, y):
+def _zero3_case(rank, world, path, gguf_path, x, y):
     """The integration engines.build_engine gets: seed, build, load_pretrained, deepspeed.initialize
-    (ZeRO-3 partitions the loaded weights). Then load again into the partitioned module."""
+    (ZeRO-3 partitions the loaded weights). Then load again into the partitioned module, from the HF
+    directory and from the GGUF, counting the elements this rank reads and gathering the result."""
     import deepspeed
 
+    from blade.runtime import zero
     from blade.train import engines
 
     cfg = load_config(None, [f"model.init_from={path}", "train.micro_batch_size=1",
@@ -223,28 +225,56 @@ def _zero3_case(rank, world, path, x, y):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=engines.param_groups(model, 0.1),
                                       config=engines.deepspeed_config(cfg, world))
     assert all(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters() if p.ds_numel > 64)
+    reads = []
+    counted = zero.set_from_rows
+    zero.set_from_rows = lambda p, read_rows: reads.append(counted(p, read_rows)) or reads[-1]
+    out = {}
     with torch.no_grad():
         first = engine(x[rank:rank + 1], y[rank:rank + 1]).clone()
-        for p in engine.module.parameters():  # scramble the partitions, then load into them
-            p.ds_tensor.zero_()
-        load_pretrained(engine.module, path)
-        again = engine(x[rank:rank + 1], y[rank:rank + 1]).clone()
-    return first.numpy(), again.numpy()  # numpy: pickled by value across the process boundary
+        for source in (path, gguf_path):
+            for p in engine.module.parameters():  # scramble the partitions, then load into them
+                p.ds_tensor.zero_()
+            reads.clear()
+            load_pretrained(engine.module, source)
+            again = engine(x[rank:rank + 1], y[rank:rank + 1]).clone()
+            weights = {}
+            for name, p in engine.module.named_parameters():
+                with zero.gathered(p):
+                    weights[name] = p.data.clone().numpy()
+            owned = sum(zero.owned_part(p, rank).numel() for p in engine.module.parameters())
+            out[source] = (again.numpy(), weights, sum(reads), owned)  # numpy: pickled by value
+    return first.numpy(), out
 
 
-def test_load_pretrained_before_and_after_zero3_partitioning(tied):
-    """2 gloo ranks, ZeRO-3, tied GQA checkpoint (the tied head is one shared Parameter)."""
+def test_load_pretrained_before_and_after_zero3_partitioning(tied, tmp_path):
+    """2 gloo ranks, ZeRO-3, tied GQA checkpoint (the tied head is one shared Parameter): the weights
+    equal a single-process import bitwise, and each rank reads only about its share of the file."""
     from tests.dist_harness import run_distributed
 
     path, hf = tied
+    gguf_path = write_gguf(tmp_path / "m.gguf", hf)
     x = tokens(T=24, seed=5)
     with torch.no_grad():
         ref = F.cross_entropy(hf(x).logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
-    results = run_distributed(_zero3_case, world_size=2, args=(path, x[:, :-1], x[:, 1:]),
+    results = run_distributed(_zero3_case, world_size=2, args=(path, gguf_path, x[:, :-1], x[:, 1:]),
                               deepspeed=True)
-    for rank, (first, again) in enumerate(results):
-        assert np.abs(first[0] - ref[rank].numpy()).max() < LOGIT_ATOL
-        assert np.array_equal(again, first)
+    hd = hf.config.hidden_size // hf.config.num_attention_heads
+    for source in (path, gguf_path):
+        single = {n: p.detach().numpy() for n, p in import_model(source).named_parameters()}
+        total = sum(a.size for a in single.values())
+        # beyond its part a rank reads at most a partial row each side (GGUF Q/K: a partial head)
+        unit = {n: (hd if source == gguf_path and n.endswith(("wq.weight", "wk.weight")) else 1)
+                * (a.size // a.shape[0]) for n, a in single.items()}
+        slack = 2 * sum(unit.values())
+        assert slack < total / 4
+        for rank, (first, out) in enumerate(results):
+            again, weights, read, owned = out[source]
+            assert np.abs(first[0] - ref[rank].numpy()).max() < LOGIT_ATOL
+            if source == path:
+                assert np.array_equal(again, first)
+            for name, a in single.items():
+                assert np.array_equal(weights[name], a), (source, name)
+            assert owned <= read <= owned + slack < total, (source, rank, read, owned, total)
 
 
 # ----------------------------------------------------------------------------- CLI export
@@ -389,6 +419,17 @@ def test_unreadable_inputs(tied, tmp_path):
                       tensors_edit=lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}))
     with pytest.raises(BladeError, match=r"unexpected tensor model.layers.0.self_attn.q_proj.bias"):
         load_pretrained(import_model(tied[0]), extra)
+    cut = copy_ckpt(tied[0], tmp_path / "cut")
+    weights = os.path.join(cut, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) - 100)
+    with pytest.raises(BladeError, match=r"model.safetensors is truncated: re-download") as e:
+        load_pretrained(import_model(tied[0]), cut)
+    one_line(e)
+    with open(weights, "r+b") as f:
+        f.write((10**9).to_bytes(8, "little"))  # a header length past the end of the file
+    with pytest.raises(BladeError, match=r"cannot read the safetensors header of .*re-save") as e:
+        load_pretrained(import_model(tied[0]), cut)
+    one_line(e)
     good = write_gguf(tmp_path / "m.gguf", tied[1])
     truncated = tmp_path / "t.gguf"
     truncated.write_bytes(open(good, "rb").read()[:200])

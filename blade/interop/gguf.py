@@ -9,6 +9,8 @@ Families whose llama.cpp RoPE rotates halves (Qwen2) are stored unpermuted (fami
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from blade.errors import BladeError
@@ -101,9 +103,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def tensors(path: str, reader, cfg: dict):
-    """Yield (blade name, fp32 array) for every tensor, dequantised one at a time."""
-    from gguf.quants import dequantize
-
+    """Yield (blade name, shape, read_rows) for every tensor, where read_rows(r0, r1) dequantises to
+    fp32 only rows r0..r1 of the memory-mapped tensor (Q/K: the whole heads that hold them)."""
     permuted = _family(path, reader).gguf_permuted_qk
     for t in reader.tensors:
         name = blade_name(t.name, cfg["qkv_bias"])
@@ -111,19 +112,31 @@ def tensors(path: str, reader, cfg: dict):
             raise BladeError(f"unexpected tensor {t.name} in GGUF {path}: not part of a model blade "
                              f"supports ({families.names()})")
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
-        try:
-            w = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise BladeError(f"GGUF {path}: tensor {t.name} has type {t.tensor_type.name}, which the "
-                             "installed gguf package cannot dequantise: upgrade gguf") from None
-        w = np.asarray(w, dtype=np.float32).reshape(shape)
-        if not w.flags.writeable:  # F32 tensors come back as views of the read-only memory map
-            w = w.copy()
-        if permuted and name.endswith("attn.wq.weight"):
-            w = _unpermute(w, cfg["n_heads"])
-        elif permuted and name.endswith("attn.wk.weight"):
-            w = _unpermute(w, cfg["n_kv_heads"])
-        yield name, w
+        heads = (None if not permuted else cfg["n_heads"] if name.endswith("attn.wq.weight")
+                 else cfg["n_kv_heads"] if name.endswith("attn.wk.weight") else None)
+        yield name, shape, functools.partial(_read_rows, path, t, shape, heads)
+
+
+def _read_rows(path: str, t, shape: tuple, heads: int | None, r0: int, r1: int) -> np.ndarray:
+    if heads is not None:  # llama.cpp permuted rows within each head: read whole heads, unpermute
+        hd = shape[0] // heads
+        h0, h1 = r0 // hd, -(-r1 // hd)
+        w = _unpermute(_dequantize(path, t, shape, h0 * hd, h1 * hd), h1 - h0)
+        return w[r0 - h0 * hd:r1 - h0 * hd]
+    return _dequantize(path, t, shape, r0, r1)
+
+
+def _dequantize(path: str, t, shape: tuple, r0: int, r1: int) -> np.ndarray:
+    """Rows r0..r1 as fp32 (t.data is rows x row-bytes for quantised types, the tensor for F32/F16)."""
+    from gguf.quants import dequantize
+
+    try:
+        w = dequantize(t.data[r0:r1], t.tensor_type)
+    except NotImplementedError:
+        raise BladeError(f"GGUF {path}: tensor {t.name} has type {t.tensor_type.name}, which the "
+                         "installed gguf package cannot dequantise: upgrade gguf") from None
+    w = np.asarray(w, dtype=np.float32).reshape(r1 - r0, *shape[1:])
+    return w if w.flags.writeable else w.copy()  # F32 tensors come back as views of the read-only map
 
 
 def gguf_tokenizer(path: str, reader=None):

@@ -3,13 +3,15 @@ safetensors names <-> blade names.
 
 A checkpoint directory holds config.json and model.safetensors, or shards listed in
 model.safetensors.index.json (any *.safetensors files are read if the index is missing).
-Tensors are read one at a time with safetensors' safe_open, so a 7B checkpoint never sits in
-memory twice.
+Tensors are read a slice of rows at a time, straight from the file (the safetensors header gives each
+tensor's offset), so that a ZeRO-3 rank reads only the rows that hold its partition.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import math
 import os
 import re
 
@@ -146,34 +148,64 @@ def weight_files(path: str) -> dict[str, str]:
         hint = (" (only PyTorch .bin weights: re-save with safetensors, e.g. "
                 "model.save_pretrained(dir, safe_serialization=True))") if bins else ""
         raise BladeError(f"no *.safetensors weights in {path}{hint}")
-    from safetensors import safe_open
-
-    out = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            out.update({k: file for k in f.keys()})
-    return out
+    return {k: file for file in files for k in _header(file)[0] if k != "__metadata__"}
 
 
 def tensors(path: str, cfg: dict):
-    """Yield (blade name, tensor) for every weight; a tied checkpoint's lm_head copy is skipped."""
-    from safetensors import safe_open
-
+    """Yield (blade name, shape, read_rows) for every weight, where read_rows(r0, r1) reads only rows
+    r0..r1 from the file (with plain file reads: no memory map, so nothing but the rows becomes
+    resident); a tied checkpoint's lm_head copy is skipped."""
     by_file: dict[str, list[str]] = {}
     for name, file in weight_files(path).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                if _IGNORED.fullmatch(name):
-                    continue
-                blade = blade_name(name, cfg["qkv_bias"])
-                if blade is None:
-                    raise BladeError(f"unexpected tensor {name} in {file}: not part of a model "
-                                     f"blade supports ({families.names()})")
-                if blade == "lm_head.weight" and cfg["tie_embeddings"]:
-                    continue
-                yield blade, f.get_tensor(name)
+        header, base = _header(file)
+        for name in names:
+            if _IGNORED.fullmatch(name):
+                continue
+            blade = blade_name(name, cfg["qkv_bias"])
+            if blade is None:
+                raise BladeError(f"unexpected tensor {name} in {file}: not part of a model "
+                                 f"blade supports ({families.names()})")
+            if blade == "lm_head.weight" and cfg["tie_embeddings"]:
+                continue
+            info = header.get(name)
+            if info is None:
+                raise BladeError(f"tensor {name} is listed in the index of {path} but is not in {file}: "
+                                 "re-save the checkpoint")
+            if info.get("dtype") not in _DTYPES:
+                raise BladeError(f"tensor {name} in {file} has dtype {info.get('dtype')}: blade reads "
+                                 f"{', '.join(_DTYPES)} safetensors")
+            shape = tuple(info["shape"])
+            yield blade, shape, functools.partial(_read_rows, file, base + info["data_offsets"][0],
+                                                  _DTYPES[info["dtype"]], shape)
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _header(file: str) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return json.loads(f.read(n)), 8 + n
+    except (OSError, ValueError) as e:
+        raise BladeError(f"cannot read the safetensors header of {file} ({e!r}): re-save the "
+                         "checkpoint") from None
+
+
+def _read_rows(file: str, offset: int, dtype: str, shape: tuple, r0: int, r1: int):
+    import torch
+
+    dtype = getattr(torch, dtype)
+    row = math.prod(shape[1:]) * dtype.itemsize
+    out = bytearray((r1 - r0) * row)
+    with open(file, "rb") as f:
+        f.seek(offset + r0 * row)
+        if f.readinto(out) != len(out):
+            raise BladeError(f"{file} is truncated: re-download or re-save the checkpoint")
+    return torch.frombuffer(out, dtype=dtype).reshape(r1 - r0, *shape[1:])
 
 
 def export_config(cfg, extra: dict | None = None) -> dict:

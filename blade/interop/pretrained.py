@@ -133,10 +133,11 @@ def _check_model(model, ck: dict, path: str) -> None:
 
 def load_pretrained(model, path: str) -> list[str]:
     """Copy a checkpoint's weights into a blade Transformer (plain, or ZeRO-3 partitioned: every rank
-    reads each tensor, one at a time, and keeps the part it owns). Returns the loaded parameter names."""
+    reads, one tensor at a time, only the rows that hold the part it owns). Returns the loaded
+    parameter names."""
     import torch
 
-    from blade.runtime.zero import full_shape, set_from_full
+    from blade.runtime.zero import full_shape, set_from_rows
 
     kind = checkpoint_kind(path)
     ck = model_config_from_pretrained(path)
@@ -148,17 +149,15 @@ def load_pretrained(model, path: str) -> list[str]:
               else _hf.tensors(path, ck))
     loaded = []
     with torch.no_grad():
-        for name, value in source:
+        for name, shape, read_rows in source:
             if name not in params:
                 raise BladeError(f"unexpected tensor {name} in {path}: the model has no such "
                                  "parameter (is the checkpoint untied while config.json says tied?)")
             p = params[name]
-            value = torch.as_tensor(value)
-            shape = full_shape(p)
-            if tuple(value.shape) != shape:
+            if shape != full_shape(p):
                 raise BladeError(f"shape mismatch for {name} in {path}: checkpoint "
-                                 f"{tuple(value.shape)}, model {shape}")
-            set_from_full(p, value)  # ZeRO-3: this rank's part only
+                                 f"{shape}, model {full_shape(p)}")
+            set_from_rows(p, read_rows)  # ZeRO-3: the rows of this rank's part only
             loaded.append(name)
     missing = sorted(set(params) - set(loaded), key=_param_order(params))
     if missing:
