@@ -10,6 +10,7 @@
     blade export-hf weights.safetensors out/hf --tokenizer data/mine/tokenizer.json
     blade export runs/quickstart out/model               # newest checkpoint -> fp32 safetensors + config
     blade experiment --out runs/experiment [--quick]     # full / random / rho1 / blade on real data
+    blade eval runs/continual-smollm2 --tasks blade_continuation[,hellaswag] [--limit 100]   # lm-eval
 """
 from __future__ import annotations
 
@@ -185,7 +186,22 @@ def cmd_export_hf(args) -> None:
         model_config = load_config(args.config).model
     out = export_hf(args.weights, args.out, model_config=model_config, tokenizer=args.tokenizer,
                     dtype=args.dtype)
-    print(f"wrote a Hugging Face Llama checkpoint to {out}")
+    print(f"wrote a Hugging Face checkpoint to {out}")
+
+
+def cmd_eval(args) -> None:
+    from blade.eval.harness import evaluate
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    name = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
+    out = args.out or os.path.join("runs", "eval", name)
+    summary = evaluate(args.model, tasks, out, limit=args.limit, num_fewshot=args.num_fewshot,
+                       batch_size=args.batch_size, device=args.device, seed=args.seed)
+    for task, metrics in summary.items():
+        shown = [f"{k} {v:.4f}" + (f" ± {metrics[k + '_stderr']:.4f}" if k + "_stderr" in metrics else "")
+                 for k, v in metrics.items() if not k.endswith("_stderr") and k != "sample_len"]
+        print(f"{task} ({metrics.get('sample_len', '?')} examples): {', '.join(shown)}")
+    print(f"wrote {os.path.join(out, 'results.json')}")
 
 
 def cmd_experiment(args) -> None:
@@ -286,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("out", help="output directory: model.safetensors, config.yaml, export.json")
     px.set_defaults(func=cmd_export)
 
-    pe = sub.add_parser("export-hf", help="blade weights -> Hugging Face Llama layout (transformers loads it)")
+    pe = sub.add_parser("export-hf", help="blade weights -> Hugging Face layout of the model's family (transformers loads it)")
     pe.add_argument("weights", help="blade weights: .safetensors/.pt file or a directory of .safetensors")
     pe.add_argument("out", help="output directory: config.json, model.safetensors, tokenizer files")
     pe.add_argument("--config", help="run config YAML with the model shape (default: config.json or "
@@ -295,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "tokenizer files next to the weights)")
     pe.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     pe.set_defaults(func=cmd_export_hf)
+    pv = sub.add_parser("eval", help="downstream tasks with lm-evaluation-harness on a run, checkpoint, "
+                        "export, .gguf or Hugging Face directory")
+    pv.add_argument("model", help="run directory or checkpoint (its proxy), `blade export` directory, .gguf, "
+                    "or Hugging Face directory")
+    pv.add_argument("--tasks", default="blade_continuation", help="comma-separated: blade's local tasks "
+                    "(blade_continuation, offline) or the harness's (hellaswag, gsm8k, ...: need network)")
+    pv.add_argument("--limit", type=int, help="examples per task (default: all)")
+    pv.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    pv.add_argument("--batch-size", type=int, default=8)
+    pv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pv.add_argument("--seed", type=int, default=1234, help="the harness's seeds (few-shot sampling)")
+    pv.add_argument("--out", help="results.json and the converted checkpoint (default runs/eval/NAME)")
+    pv.set_defaults(func=cmd_eval)
     pr = sub.add_parser("experiment", help="selection quality on real data: pretrain a base model, "
                         "continue it with each strategy, report (README \"Results\")")
     pr.add_argument("overrides", nargs="*", help="section.key=value for the continual runs")

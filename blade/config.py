@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -40,6 +41,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qkv_bias: bool = False             # bias on the q/k/v projections (Qwen2), none on the output one
+    # RoPE frequency scaling: none | llama3 (Llama-3.1+: low frequencies divided by rope_scaling_factor,
+    # high ones kept, a smooth ramp between; wavelength bounds from rope_original_max_seq_len)
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     dropout: float = 0.0
     init_std: float = 0.02
     loss_chunk_tokens: int = 2048      # tokens per chunk of the per-token cross-entropy
@@ -47,7 +56,7 @@ class ModelConfig:
     # | every_n (blocks 0, n, 2n, ...; n = activation_checkpointing_every); the gradients are the same
     activation_checkpointing: Literal["none", "full", "every_n"] = "none"
     activation_checkpointing_every: int = 2
-    init_from: Optional[str] = None    # pretrained HF Llama directory or .gguf: weights and shape
+    init_from: Optional[str] = None    # pretrained HF directory or .gguf (docs/interop.md): weights and shape
 
 
 @dataclass
@@ -243,6 +252,8 @@ _RANGES = {
     "model.vocab_size": ">= 2", "model.dim": ">= 1", "model.n_layers": ">= 1",
     "model.n_heads": ">= 1", "model.n_kv_heads": ">= 1", "model.ffn_hidden": ">= 1",
     "model.max_seq_len": ">= 1", "model.rope_theta": "> 0", "model.norm_eps": "> 0",
+    "model.rope_scaling_factor": ">= 1", "model.rope_low_freq_factor": "> 0",
+    "model.rope_original_max_seq_len": ">= 1",
     "model.dropout": "in [0, 1)", "model.init_std": "> 0", "model.loss_chunk_tokens": ">= 1",
     "model.activation_checkpointing_every": ">= 1",
     "data.num_workers": ">= 0",
@@ -296,6 +307,9 @@ def validate(cfg: BladeConfig) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config error: model.n_heads ({m.n_heads}) must be divisible by "
                           f"model.n_kv_heads ({m.n_kv_heads})")
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise ConfigError(f"config error: model.rope_high_freq_factor ({m.rope_high_freq_factor}) must be "
+                          f"greater than model.rope_low_freq_factor ({m.rope_low_freq_factor})")
     sel = cfg.selection
     steps_key = {"blade": "k_ref_steps", "rho1": "rho1_ref_steps"}.get(sel.strategy)
     if steps_key and getattr(sel, steps_key) == 0:
@@ -337,10 +351,20 @@ def load_config(path: str | None, overrides: list[str] = ()) -> BladeConfig:
     if isinstance(raw.get("model"), dict) and raw["model"].get("init_from") is not None:
         from blade.interop.pretrained import merge_pretrained_config
 
-        raw["model"] = merge_pretrained_config(raw["model"])  # the shape comes from the checkpoint
+        # the shape comes from the checkpoint: it replaces a config file's shape keys (saying so);
+        # a conflicting one given on the command line is an error
+        given = [o.partition("=")[0].strip().split(".") for o in overrides]
+        explicit = {parts[1] for parts in given if len(parts) == 2 and parts[0] == "model"}
+        raw["model"] = merge_pretrained_config(raw["model"], explicit, say=_say_once)
     cfg = _from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def _say_once(message: str) -> None:
+    """A note from config loading, printed by the first rank only (every rank loads the config)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"blade: {message}", file=sys.stderr, flush=True)
 
 
 def config_to_dict(cfg: BladeConfig) -> dict:

@@ -90,7 +90,8 @@ def test_hf_import_matches_transformers(hf_case):
     fields = model_config_from_pretrained(path)
     assert fields == {"vocab_size": 96, "dim": 32, "n_layers": 2, "n_heads": 4,
                       "n_kv_heads": c.num_key_value_heads, "ffn_hidden": 48, "max_seq_len": 64,
-                      "rope_theta": 5000.0, "norm_eps": 1e-6, "tie_embeddings": c.tie_word_embeddings}
+                      "rope_theta": 5000.0, "norm_eps": 1e-6, "tie_embeddings": c.tie_word_embeddings,
+                      "qkv_bias": False, "rope_scaling": "none"}
     if "sharded" in path:
         assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     model = import_model(path)
@@ -127,8 +128,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf, arch="llama", drop=()):
-    """A GGUF as llama.cpp's converter writes it: GGUF names, permuted Q/K, F32 + F16 tensors."""
+def write_gguf(path, hf, arch="llama", drop=(), rope_theta=5000.0):
+    """A GGUF as llama.cpp's converter writes it: GGUF names, Q/K permuted (llama only), F32 + F16 tensors."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -137,7 +138,7 @@ def write_gguf(path, hf, arch="llama", drop=()):
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(5000.0)
+    w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -156,10 +157,11 @@ def write_gguf(path, hf, arch="llama", drop=()):
             g = "output.weight"
         else:
             i, rest = name[len("model.layers."):].split(".", 1)
-            g = f"blk.{i}.{names[rest.removesuffix('.weight')]}.weight"
-            if rest.startswith("self_attn.q_proj"):
+            base, kind = rest.rsplit(".", 1)
+            g = f"blk.{i}.{names[base]}.{kind}"
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
                 a = llama_cpp_permute(a, c.num_attention_heads)
-            elif rest.startswith("self_attn.k_proj"):
+            elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 a = llama_cpp_permute(a, c.num_key_value_heads)
             if "ffn_up" in g:
                 a = a.astype(np.float16)  # F16 path of the dequantiser
@@ -338,8 +340,13 @@ def copy_ckpt(src, dst, config_edit=None, tensors_edit=None):
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
      r"unsupported architecture GPT2LMHeadModel \(model_type 'gpt2'\)"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}),
+     r"RoPE scaling 'yarn'"),
     (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     r"RoPE scaling 'llama3'"),
+     r"llama3 RoPE scaling without a numeric 'low_freq_factor'"),
+    (lambda c: c.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     r"RoPE scaling 'llama3' \(blade's qwen2 has no such option\)"),
     (lambda c: c.update(attention_bias=True), "attention_bias=true"),
 ])
 def test_unsupported_hf_config(tied, tmp_path, edit, match):
@@ -605,7 +612,7 @@ def test_smollm2_shape_from_gguf():
     assert model_config_from_pretrained(SMOL) == {
         "vocab_size": 49152, "dim": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3,
         "ffn_hidden": 1536, "max_seq_len": 8192, "rope_theta": 100000.0, "norm_eps": 1e-5,
-        "tie_embeddings": True}
+        "tie_embeddings": True, "qkv_bias": False, "rope_scaling": "none"}
 
 
 @needs_smol
@@ -689,3 +696,22 @@ def test_prepare_with_gguf_tokenizer_and_data_compat(smol, tmp_path):
         check_data_compat(SMOL, str(tmp_path / "spdata"))
     one_line(e)
     assert Tokenizer(sp).vocab_size <= 300
+
+
+def test_init_from_replaces_a_config_files_shape_but_not_the_command_lines(tied, tmp_path, capsys):
+    """The shipped YAML's shape keys give way to model.init_from (one line says so); a conflicting shape
+    key given on the command line is still an error."""
+    quickstart = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quickstart.yaml")
+    cfg = load_config(quickstart, [f"model.init_from={tied[0]}"])
+    assert (cfg.model.vocab_size, cfg.model.dim, cfg.model.rope_theta, cfg.model.norm_eps) == (96, 32, 5000.0, 1e-6)
+    assert cfg.model.max_seq_len == 64  # the file's 128 is above the checkpoint's 64: replaced too
+    note = capsys.readouterr().err.strip()
+    assert note.startswith(f"blade: model.init_from={tied[0]} sets the shape; replaced the config file's "
+                           "vocab_size 2048 -> 96, dim 128 -> 32") and "\n" not in note
+    own = tmp_path / "own.yaml"
+    own.write_text(f"inherit: {quickstart}\nmodel:\n  init_from: {tied[0]}\n  max_seq_len: 48\n")
+    assert load_config(str(own)).model.max_seq_len == 48  # lower than the checkpoint's: kept
+    with pytest.raises(ConfigError, match=r"model.dim=64 conflicts with the checkpoint .* drop it") as e:
+        load_config(quickstart, [f"model.init_from={tied[0]}", "model.dim=64"])
+    one_line(e)
+    assert load_config(quickstart, [f"model.init_from={tied[0]}", "model.dim=32"]).model.dim == 32
