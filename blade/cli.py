@@ -11,6 +11,7 @@
     blade export runs/quickstart out/model               # newest checkpoint -> fp32 safetensors + config
     blade experiment --out runs/experiment [--quick]     # full / random / rho1 / blade on real data
     blade eval runs/continual-smollm2 --tasks blade_continuation[,hellaswag] [--limit 100]   # lm-eval
+    blade experiment --data DIR --seeds 3 --grid selection.lam=0,1   # any prepared data, seeds, ablation
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def cmd_prepare(args) -> None:
                                      seed=args.seed)
         counts = ", ".join(f"{k} {v['sequences']:,}" for k, v in manifest["splits"].items())
         print(f"prepared the {args.recipe} corpus in {args.out} (sequences: {counts}); see recipe.json")
+        print(manifest["package_drift"])
         return
     if args.builtin:
         from blade.data.corpus import generate_builtin_corpus
@@ -212,7 +214,9 @@ def cmd_experiment(args) -> None:
     data = args.data or ("data/debian-docs-quick" if args.quick else "data/debian-docs")
     try:
         report = run_experiment(args.out, data, args.cache, quick=args.quick, ranks=args.ranks,
-                                strategies=strategies, seed=args.seed, overrides=tuple(args.overrides),
+                                strategies=strategies, seed=args.seed, seeds=args.seeds,
+                                grid=tuple(tuple(g) for g in args.grid or ()), init_from=args.init_from,
+                                configs=(args.base_config, args.config), overrides=tuple(args.overrides),
                                 command="blade " + " ".join(sys.argv[1:]))
     except Preempted as e:
         print(f"blade: {e}", file=sys.stderr)
@@ -326,16 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
     pv.set_defaults(func=cmd_eval)
     pr = sub.add_parser("experiment", help="selection quality on real data: pretrain a base model, "
                         "continue it with each strategy, report (README \"Results\")")
-    pr.add_argument("overrides", nargs="*", help="section.key=value for the continual runs")
+    pr.add_argument("overrides", nargs="*", help="section.key=value for the continual runs (before --grid)")
     pr.add_argument("--out", default="runs/experiment", help="output directory (stages + report/)")
     pr.add_argument("--quick", action="store_true", help="the small size that runs in minutes (CI)")
-    pr.add_argument("--data", help="recipe output directory (default data/debian-docs[-quick]; built "
-                    "if absent)")
+    pr.add_argument("--data", help="train/, target/, val/ and base/ written by `blade prepare` (default "
+                    "data/debian-docs[-quick]: the debian-docs recipe, built if the directory is absent)")
+    pr.add_argument("--init-from", help="start the continual runs from this pretrained checkpoint (Hugging "
+                    "Face directory or .gguf) instead of training a base model on DATA/base")
+    pr.add_argument("--base-config", help="YAML of the base stage (default configs/experiment/[quick-]base.yaml)")
+    pr.add_argument("--config", help="YAML of the continual runs (default "
+                    "configs/experiment/[quick-]continual.yaml)")
     pr.add_argument("--cache", default=_default_cache(), help="fetched packages (default $BLADE_CACHE or "
                     "~/.cache/blade)")
     pr.add_argument("--ranks", type=int, default=2, help="local processes per training stage")
     pr.add_argument("--strategies", default="full,random,rho1,blade", help="comma-separated subset")
-    pr.add_argument("--seed", type=int, default=1234, help="train.seed of every stage")
+    pr.add_argument("--seed", type=int, default=1234, help="train.seed of the base stage and the first seed")
+    pr.add_argument("--seeds", type=int, default=1, help="repeat every continual run with seeds SEED, "
+                    "SEED+1, ...; the report gives mean ± s.e. and paired tests")
+    pr.add_argument("--grid", nargs="+", action="append", metavar="KEY=V1,V2",
+                    help="an ablation: the product of the axes given after one --grid; several --grid "
+                    "options add their points (one at a time). Blade gets every point, the other strategies "
+                    "only what they read (rho1 the analogous K0)")
     pr.set_defaults(func=cmd_experiment)
     return p
 

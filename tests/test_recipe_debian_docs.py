@@ -159,3 +159,22 @@ def test_labels_reach_the_tokens_through_prepare(assembled, tmp_path):
     assert all(counts[k] > 0 for k in counts)
     ds = ShardDataset(os.path.join(tmp_path, "train"), 400, "error")
     assert ds.label_names == manifests["train"]["labels"]
+
+
+def test_the_reference_recipe_pins_every_package_and_drift_is_named(tmp_path):
+    """docs/experiments/debian-docs-seeds/recipe.json (the README's reported run) has a version and sha256
+    for every package the recipe fetches; a fetch that differs is named in one line."""
+    from blade.data.recipes.fetch import package_drift
+
+    reference = json.load(open(dd.REFERENCE))
+    known = {**reference["packages"], **reference["sdists"]}
+    assert set(known) == set(dd.PACKAGES) | {dd.SDIST.partition("==")[0]}
+    assert all(p["version"] and len(p["sha256"]) == 64 for p in known.values())
+    same = package_drift(known, dd.REFERENCE)
+    assert same.startswith(f"packages: all {len(known)} identical") and "\n" not in same
+    changed = {**known, "bible-kjv": {"version": "9.9", "sha256": "0" * 64}, "extra-doc": {"version": "1",
+                                                                                             "sha256": "1" * 64}}
+    line = package_drift(changed, dd.REFERENCE)
+    assert line.startswith(f"packages: 2 of {len(changed)} differ") and "\n" not in line
+    assert f"bible-kjv 9.9 (reference {known['bible-kjv']['version']})" in line and "extra-doc 1 (not in the reference)" in line
+    assert "not checked" in package_drift(known, str(tmp_path / "missing.json"))

