@@ -152,10 +152,12 @@ def plan(cfg: BladeConfig, world: int, seq_len: int | None = None, gpu: bool = T
     ref_precision = "bf16" if cfg.selection.ref_precision == "bf16" else t.precision
     bucket_elems = _zero_setting(cfg, "reduce_bucket_size")
     bucket = (bucket_elems if gpu else min(bucket_elems, P)) * low if stage == 3 else 0.0
-    ref_state = state_bytes_per_rank(P, ref_precision, stage, world) if reference else 0.0
-    ref_weights = (P * bytes_per_param(ref_precision)["weights"] / world if stage == 3 else ref_state) \
-        if reference else 0.0
-    live = min(P, _zero_setting(cfg, "stage3_max_reuse_distance")) + min(P, _zero_setting(cfg, "stage3_prefetch_bucket_size"))
+    ref_state = ref_weights = 0.0
+    if reference:  # at ZeRO-3 released to its weight partitions between phases; below, kept whole
+        ref_state = state_bytes_per_rank(P, ref_precision, stage, world)
+        ref_weights = P * bytes_per_param(ref_precision)["weights"] / world if stage == 3 else ref_state
+    live = (min(P, _zero_setting(cfg, "stage3_max_reuse_distance"))
+            + min(P, _zero_setting(cfg, "stage3_prefetch_bucket_size")))
     chunk = min(m.loss_chunk_tokens, t.micro_batch_size * seq_len)
     master_partition = 4 * P / (world if stage >= 1 else 1)
     return Plan(
