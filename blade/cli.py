@@ -4,11 +4,13 @@
     blade prepare --recipe debian-docs --out data/debian-docs [--quick]   # real text from Debian packages
     blade prepare docs.jsonl more.txt --out data/mine --seq-len 512 --vocab-size 8000
     blade train configs/quickstart.yaml train.steps=50 selection.strategy=rho1 [--dry-run]
+    blade plan configs/tinyllama-1.1b.yaml --ranks 8 --memory-gib 80   # peak memory per rank, by part
     blade inspect runs/quickstart
     launch/local.sh 2 --cmd bench -c configs/quickstart.yaml --strategies full,blade   # throughput
     blade export-hf weights.safetensors out/hf --tokenizer data/mine/tokenizer.json
     blade export runs/quickstart out/model               # newest checkpoint -> fp32 safetensors + config
     blade experiment --out runs/experiment [--quick]     # full / random / rho1 / blade on real data
+    blade eval runs/continual-smollm2 --tasks blade_continuation[,hellaswag] [--limit 100]   # lm-eval
     blade experiment --data DIR --seeds 3 --grid selection.lam=0,1   # any prepared data, seeds, ablation
 """
 from __future__ import annotations
@@ -96,6 +98,23 @@ def cmd_train(args) -> None:
     run_on_ranks(cfg, train)
 
 
+def cmd_plan(args) -> None:
+    from blade.config import load_config
+    from blade.data.paths import check_paths
+    from blade.model.memory import GIB
+    from blade.model.plan import describe_plan
+
+    path, overrides = split_config_args(args.items, args.config)
+    cfg = load_config(path, overrides)
+    if args.ranks < 1:
+        raise BladeError(f"plan --ranks must be >= 1, got {args.ranks}")
+    seq_len = args.seq_len
+    if seq_len is None and all(os.path.isfile(os.path.join(d, "manifest.json")) for d in cfg.data.dirs("train")):
+        seq_len = check_paths(cfg)["train"]["seq_len"]
+    print(describe_plan(cfg, args.ranks, args.memory_gib * GIB if args.memory_gib else None, seq_len,
+                        gpu=not args.cpu))
+
+
 def run_on_ranks(cfg, body) -> None:
     """Set up this rank, run body(world), exit: 75 after a stop request (checkpoint written),
     2 for a user error (one line), 1 for a crash (traceback)."""
@@ -169,7 +188,22 @@ def cmd_export_hf(args) -> None:
         model_config = load_config(args.config).model
     out = export_hf(args.weights, args.out, model_config=model_config, tokenizer=args.tokenizer,
                     dtype=args.dtype)
-    print(f"wrote a Hugging Face Llama checkpoint to {out}")
+    print(f"wrote a Hugging Face checkpoint to {out}")
+
+
+def cmd_eval(args) -> None:
+    from blade.eval.harness import evaluate
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    name = os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf")
+    out = args.out or os.path.join("runs", "eval", name)
+    summary = evaluate(args.model, tasks, out, limit=args.limit, num_fewshot=args.num_fewshot,
+                       batch_size=args.batch_size, device=args.device, seed=args.seed)
+    for task, metrics in summary.items():
+        shown = [f"{k} {v:.4f}" + (f" ± {metrics[k + '_stderr']:.4f}" if k + "_stderr" in metrics else "")
+                 for k, v in metrics.items() if not k.endswith("_stderr") and k != "sample_len"]
+        print(f"{task} ({metrics.get('sample_len', '?')} examples): {', '.join(shown)}")
+    print(f"wrote {os.path.join(out, 'results.json')}")
 
 
 def cmd_experiment(args) -> None:
@@ -233,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPU's, or the RAM divided by the local ranks)")
     pt.set_defaults(func=cmd_train)
 
+    pl = sub.add_parser("plan", help="peak memory per rank of a config, part by part, and the largest "
+                        "micro-batch that fits (no ranks are launched)")
+    pl.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    pl.add_argument("-c", "--config", help="YAML config (or give it as the first argument)")
+    pl.add_argument("--ranks", type=int, default=1, help="data-parallel ranks (GPUs) in all")
+    pl.add_argument("--memory-gib", type=float, help="memory per rank: says whether the plan fits and the "
+                    "largest micro-batch that does")
+    pl.add_argument("--seq-len", type=int, help="tokens per sequence (default: the prepared data's, else "
+                    "model.max_seq_len)")
+    pl.add_argument("--cpu", action="store_true", help="count what a CPU process makes resident (the "
+                    "touched pages of ZeRO-3's reduce bucket) instead of a GPU's allocation")
+    pl.set_defaults(func=cmd_plan)
+
     pi = sub.add_parser("inspect", help="plots and an HTML page of what a run selected")
     pi.add_argument("run_dir")
     pi.add_argument("--out", help="output directory (default RUN_DIR/inspect)")
@@ -259,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("out", help="output directory: model.safetensors, config.yaml, export.json")
     px.set_defaults(func=cmd_export)
 
-    pe = sub.add_parser("export-hf", help="blade weights -> Hugging Face Llama layout (transformers loads it)")
+    pe = sub.add_parser("export-hf", help="blade weights -> Hugging Face layout of the model's family (transformers loads it)")
     pe.add_argument("weights", help="blade weights: .safetensors/.pt file or a directory of .safetensors")
     pe.add_argument("out", help="output directory: config.json, model.safetensors, tokenizer files")
     pe.add_argument("--config", help="run config YAML with the model shape (default: config.json or "
@@ -268,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "tokenizer files next to the weights)")
     pe.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     pe.set_defaults(func=cmd_export_hf)
+    pv = sub.add_parser("eval", help="downstream tasks with lm-evaluation-harness on a run, checkpoint, "
+                        "export, .gguf or Hugging Face directory")
+    pv.add_argument("model", help="run directory or checkpoint (its proxy), `blade export` directory, .gguf, "
+                    "or Hugging Face directory")
+    pv.add_argument("--tasks", default="blade_continuation", help="comma-separated: blade's local tasks "
+                    "(blade_continuation, offline) or the harness's (hellaswag, gsm8k, ...: need network)")
+    pv.add_argument("--limit", type=int, help="examples per task (default: all)")
+    pv.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    pv.add_argument("--batch-size", type=int, default=8)
+    pv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pv.add_argument("--seed", type=int, default=1234, help="the harness's seeds (few-shot sampling)")
+    pv.add_argument("--out", help="results.json and the converted checkpoint (default runs/eval/NAME)")
+    pv.set_defaults(func=cmd_eval)
     pr = sub.add_parser("experiment", help="selection quality on real data: pretrain a base model, "
                         "continue it with each strategy, report (README \"Results\")")
     pr.add_argument("overrides", nargs="*", help="section.key=value for the continual runs (before --grid)")
@@ -296,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "items") and all("=" in e and not e.startswith("-") for e in extra):
+        args.items += extra  # section.key=value overrides given after the flags
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except BladeError as e:

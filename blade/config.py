@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -40,6 +41,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qkv_bias: bool = False             # bias on the q/k/v projections (Qwen2), none on the output one
+    # RoPE frequency scaling: none | llama3 (Llama-3.1+: low frequencies divided by rope_scaling_factor,
+    # high ones kept, a smooth ramp between; wavelength bounds from rope_original_max_seq_len)
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     dropout: float = 0.0
     init_std: float = 0.02
     loss_chunk_tokens: int = 2048      # tokens per chunk of the per-token cross-entropy
@@ -47,7 +56,7 @@ class ModelConfig:
     # | every_n (blocks 0, n, 2n, ...; n = activation_checkpointing_every); the gradients are the same
     activation_checkpointing: Literal["none", "full", "every_n"] = "none"
     activation_checkpointing_every: int = 2
-    init_from: Optional[str] = None    # pretrained HF Llama directory or .gguf: weights and shape
+    init_from: Optional[str] = None    # pretrained HF directory or .gguf (docs/interop.md): weights and shape
 
 
 @dataclass
@@ -109,6 +118,8 @@ class SelectionConfig:
     ref_precision: Literal["same", "bf16"] = "same"
     ref_offload: bool = False          # ZeRO-3: keep the reference's parameters on the CPU
     diag_interval: int = 25            # steps between score histograms / dist_u_w / per-source rates; 0 = off
+    exact_interval: int = 0            # steps between exact bi-level oracle measurements (tiny models); 0 = off
+    exact_target_sequences: int = 64   # first sequences of data.target in the oracle's fixed target batch
 
 
 @dataclass
@@ -241,6 +252,8 @@ _RANGES = {
     "model.vocab_size": ">= 2", "model.dim": ">= 1", "model.n_layers": ">= 1",
     "model.n_heads": ">= 1", "model.n_kv_heads": ">= 1", "model.ffn_hidden": ">= 1",
     "model.max_seq_len": ">= 1", "model.rope_theta": "> 0", "model.norm_eps": "> 0",
+    "model.rope_scaling_factor": ">= 1", "model.rope_low_freq_factor": "> 0",
+    "model.rope_original_max_seq_len": ">= 1",
     "model.dropout": "in [0, 1)", "model.init_std": "> 0", "model.loss_chunk_tokens": ">= 1",
     "model.activation_checkpointing_every": ">= 1",
     "data.num_workers": ">= 0",
@@ -253,6 +266,7 @@ _RANGES = {
     "selection.gamma": "in (0, 1]", "selection.tau": ">= 1", "selection.k_ref_steps": ">= 0",
     "selection.rho1_ref_steps": ">= 0", "selection.lam": ">= 0", "selection.eta": "in [0, 1]",
     "selection.warmup_full_ce_steps": ">= 0", "selection.diag_interval": ">= 0",
+    "selection.exact_interval": ">= 0", "selection.exact_target_sequences": ">= 1",
     "checkpoint.interval": ">= 0", "checkpoint.keep_last_n": ">= 1",
     "deepspeed.zero_stage": "one of 0, 1, 2, 3",
     "dist.timeout_s": ">= 1", "dist.threads_per_rank": ">= 0",
@@ -293,6 +307,9 @@ def validate(cfg: BladeConfig) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config error: model.n_heads ({m.n_heads}) must be divisible by "
                           f"model.n_kv_heads ({m.n_kv_heads})")
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise ConfigError(f"config error: model.rope_high_freq_factor ({m.rope_high_freq_factor}) must be "
+                          f"greater than model.rope_low_freq_factor ({m.rope_low_freq_factor})")
     sel = cfg.selection
     steps_key = {"blade": "k_ref_steps", "rho1": "rho1_ref_steps"}.get(sel.strategy)
     if steps_key and getattr(sel, steps_key) == 0:
@@ -305,6 +322,13 @@ def validate(cfg: BladeConfig) -> None:
                           "deepspeed.zero_stage >= 1 (at stage 0 the two engines keep different master "
                           "copies and the sync cannot copy one into the other); raise the stage or use "
                           "ref_precision=same")
+    if sel.exact_interval and cfg.data.target is None:
+        raise ConfigError("config error: selection.exact_interval needs data.target (the oracle measures "
+                          "the change of the target loss): set data.target or selection.exact_interval=0")
+    if sel.exact_interval and cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("config error: selection.exact_interval with train.precision=bf16 needs "
+                          "deepspeed.zero_stage >= 1 (the oracle reads the fp32 master weights and AdamW "
+                          "moments where ZeRO keeps them); raise the stage or set selection.exact_interval=0")
     if m.init_from is not None and not os.path.exists(m.init_from):
         raise ConfigError(f"config error: model.init_from: no checkpoint at '{m.init_from}' (give a "
                           "Hugging Face checkpoint directory or a .gguf file)")
@@ -327,10 +351,20 @@ def load_config(path: str | None, overrides: list[str] = ()) -> BladeConfig:
     if isinstance(raw.get("model"), dict) and raw["model"].get("init_from") is not None:
         from blade.interop.pretrained import merge_pretrained_config
 
-        raw["model"] = merge_pretrained_config(raw["model"])  # the shape comes from the checkpoint
+        # the shape comes from the checkpoint: it replaces a config file's shape keys (saying so);
+        # a conflicting one given on the command line is an error
+        given = [o.partition("=")[0].strip().split(".") for o in overrides]
+        explicit = {parts[1] for parts in given if len(parts) == 2 and parts[0] == "model"}
+        raw["model"] = merge_pretrained_config(raw["model"], explicit, say=_say_once)
     cfg = _from_dict(raw)
     validate(cfg)
     return cfg
+
+
+def _say_once(message: str) -> None:
+    """A note from config loading, printed by the first rank only (every rank loads the config)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"blade: {message}", file=sys.stderr, flush=True)
 
 
 def config_to_dict(cfg: BladeConfig) -> dict:

@@ -1,7 +1,7 @@
 """`blade inspect RUN_DIR`: PNG plots of what a run selected and an HTML page with highlighted tokens.
 
 Plots: losses, score histograms over time (paper Fig. 3), Dist(u, w) over time (Fig. 4), per-source
-and per-label selection rates. The page shows sample sequences with each token coloured by whether it
+and per-label selection rates, and the comparison with the exact one-step choice (`oracle` records). The page shows sample sequences with each token coloured by whether it
 was selected, its noise label underlined.
 """
 from __future__ import annotations
@@ -78,6 +78,42 @@ def plot_distance(records: list[dict], path: str) -> bool:
     return True
 
 
+def oracle_names(rows: list[dict], prefix: str) -> list[str]:
+    """The strategies (rankings or sets) measured under `prefix` (spearman_, fo_gain_, dl_) in oracle records."""
+    return list(dict.fromkeys(k[len(prefix):] for r in rows for k in r if k.startswith(prefix)))
+
+
+def plot_oracle(records: list[dict], path: str) -> bool:
+    """Against the exact one-step choice (blade/train/oracle.py), over steps: Spearman of each ranking
+    with the first-order scores, each set's first-order gain (random 0, oracle 1), and the realised
+    change of the target loss of each set's AdamW step minus random's. Dotted lines: reference phases."""
+    rows = [r for r in records if r["kind"] == "oracle"]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    steps = [r["step"] for r in rows]
+    panels = (("spearman_", "Spearman with g_i . g_T", lambda r, n: r.get(f"spearman_{n}")),
+              ("fo_gain_", "first-order gain (random 0, oracle 1)", lambda r, n: r.get(f"fo_gain_{n}")),
+              ("dl_", "dL_target - dL_target(random)", lambda r, n: r[f"dl_{n}"] - r["dl_random"]))
+    for ax, (prefix, label, value) in zip(axes, panels):
+        for name in oracle_names(rows, prefix):
+            if prefix == "dl_" and name == "random":
+                continue
+            ax.plot(steps, [value(r, name) for r in rows], "o-", ms=3, label=name)
+        for r in records:
+            if r["kind"] == "ref":
+                ax.axvline(r["step"], color="grey", ls=":", lw=0.8)
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_rates(summary: dict, path: str) -> bool:
     groups = [(key, summary.get(key) or {}) for key in ("by_source", "by_label")]
     groups = [(k, {n: v for n, v in g.items() if v.get("total")}) for k, g in groups]
@@ -139,6 +175,7 @@ def inspect_run(run_dir: str, out: str | None = None) -> str:
     figures.append("losses.png")
     for name, made in (("score_hist.png", plot_score_histograms(diags, os.path.join(out, "score_hist.png"))),
                        ("dist_u_w.png", plot_distance(records, os.path.join(out, "dist_u_w.png"))),
+                       ("oracle.png", plot_oracle(records, os.path.join(out, "oracle.png"))),
                        ("selection_rates.png", plot_rates(summary, os.path.join(out, "selection_rates.png")))):
         if made:
             figures.append(name)

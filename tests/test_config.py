@@ -328,7 +328,11 @@ def test_dump_load_round_trip(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.yaml"))),
                          ids=os.path.basename)
 def test_shipped_configs_load(path):
-    load_config(path)
+    from blade.config_yaml import read_yaml
+
+    init = (read_yaml(path).get("model") or {}).get("init_from")
+    # a recipe's checkpoint that is not downloaded here (tests/test_families.py resolves it from its config.json)
+    load_config(path, [] if init is None or os.path.exists(init) else ["model.init_from=null"])
 
 
 def test_shipped_config_values():

@@ -1,26 +1,49 @@
-"""Continual pretraining from a real pretrained model (SmolLM2-135M GGUF) on 2 ranks with ZeRO-3:
-BLADE starts at the imported model's loss, not at ln(vocab)."""
+"""Continual pretraining from a real pretrained model (SmolLM2-135M GGUF) with the shipped
+configs/continual-smollm2.yaml, unedited, on 2 ranks: its first step's loss is the imported model's on
+that batch (a single-process forward), far below ln(vocab); then BLADE trains and evaluates."""
 import json
 import math
+import os
 
 import pytest
+import torch
 
 from blade.runtime.metrics import read_metrics
 from tests.dist_harness import run_distributed
 from tests.test_interop import PROSE, SMOL, needs_smol
 
 pytestmark = [pytest.mark.slow, needs_smol]
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "continual-smollm2.yaml")
 
 
-def _fit(rank, world, config_path):
+def _fit(rank, world, overrides):
     from blade.config import load_config
     from blade.runtime.dist import World
     from blade.train.loop import Trainer
 
-    return Trainer(load_config(config_path), World(rank, world, rank, "cpu")).fit()
+    return Trainer(load_config(CONFIG, overrides), World(rank, world, rank, "cpu")).fit()
 
 
-def test_blade_continues_from_the_imported_model(tmp_path):
+def first_batch_loss(cfg, global_batch: int) -> float:
+    """Mean per-token loss of the imported model on the run's first global batch, in one process."""
+    from blade.data.mixture import open_dataset
+    from blade.data.reader import DataStream
+    from blade.interop.pretrained import load_pretrained
+    from blade.model.transformer import Transformer
+    from blade.train.batch import to_micro_batch
+
+    model = Transformer(cfg.model).eval()
+    load_pretrained(model, SMOL)
+    ds = open_dataset(cfg.data.train, cfg.model.vocab_size, "error")
+    (batch,) = DataStream(ds, cfg.train.seed, cfg.data.shuffle, global_batch, 1, 0, 1).next_step()
+    mb = to_micro_batch(batch, "cpu")
+    with torch.no_grad():
+        loss = model(mb.inputs, mb.targets)
+    return float(loss.sum() / (mb.targets != -100).sum())
+
+
+def test_the_shipped_continual_config_starts_at_the_imported_model(tmp_path):
+    from blade.config import load_config
     from blade.data.corpus import generate_builtin_corpus
     from blade.data.prepare import prepare_splits
 
@@ -28,24 +51,22 @@ def test_blade_continues_from_the_imported_model(tmp_path):
     generate_builtin_corpus(str(raw), seed=3, scale=0.03)
     prose = tmp_path / "prose.jsonl"
     prose.write_text("\n".join(json.dumps({"text": PROSE, "source": "prose"}) for _ in range(20)))
-    prepare_splits({"train": [str(raw / "pool.jsonl"), str(prose)], "target": [str(prose)],
+    # `blade prepare --builtin DIR --tokenizer <the gguf>`, smaller and with English prose in val
+    prepare_splits({"train": [str(raw / "pool.jsonl"), str(prose)], "target": [str(raw / "target.jsonl")],
                     "val": [str(prose)]}, str(tmp_path / "data"), seq_len=64, tokenizer=SMOL)
-    config = {
-        "run": {"dir": str(tmp_path / "run")},
-        "model": {"init_from": SMOL, "max_seq_len": 64},   # the shape comes from the checkpoint
-        "data": {k: str(tmp_path / "data" / k) for k in ("train", "target", "val")},
-        "train": {"steps": 3, "micro_batch_size": 2, "eval_interval": 3, "eval_sequences": 4},
-        "optim": {"lr": 1e-5, "warmup_steps": 0},
-        "selection": {"strategy": "blade", "tau": 2, "k_ref_steps": 1, "diag_interval": 0},
-        "logging": {"wandb": "off", "progress": False},
-    }
-    (tmp_path / "cfg.yaml").write_text(json.dumps(config))
-    run_distributed(_fit, 2, args=(str(tmp_path / "cfg.yaml"),), deepspeed=True, timeout=900)
+    # the config file as shipped; only where the data and the run are, and fewer steps
+    overrides = [f"run.dir={tmp_path / 'run'}", *(f"data.{k}={tmp_path / 'data' / k}" for k in ("train", "target", "val")),
+                 "train.steps=3", "train.micro_batch_size=2", "train.eval_interval=3", "train.eval_sequences=4",
+                 "selection.tau=2", "selection.k_ref_steps=1"]
+    cfg = load_config(CONFIG, overrides)
+    assert os.path.samefile(cfg.model.init_from, SMOL)  # the wheel's GGUF, relative to the repository root
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.vocab_size) == (576, 30, 49152)
+    run_distributed(_fit, 2, args=(overrides,), deepspeed=True, timeout=900)
     records = read_metrics(str(tmp_path / "run"))
     first = next(r for r in records if r["kind"] == "train")
     val = next(r for r in records if r["kind"] == "eval")["val_loss"]
-    ln_vocab = math.log(49152)
-    # a randomly initialised model starts at ~ln(vocab) = 10.8; the pretrained one far below it
-    assert first["loss_all_tokens"] < ln_vocab - 4, first
+    # step 0's loss over the whole batch is the imported model's (2 ranks x 2 sequences, in one process)
+    assert first["loss_all_tokens"] == pytest.approx(first_batch_loss(cfg, 4), rel=1e-5)
+    assert first["loss_all_tokens"] < math.log(49152) - 4, first  # a random model starts at ~10.8
     assert val < 4.5, val  # technical prose: ~3 nats under SmolLM2 (tests/test_interop.py)
     assert any(r["kind"] == "ref" for r in records)

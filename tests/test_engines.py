@@ -228,15 +228,21 @@ def _init_case(rank, world, precision, stage):
     dtypes = {str(t.dtype) for t in zero.local_shards(engine)}
     weights = [w.float().flatten().tolist() for w in (_gathered(engine) if stage == 3 else
                                                        [p.detach() for p in engine.module.parameters()])]
-    return weights, sharded, dtypes
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    decayed = sorted(names[id(p)] for g in engines.param_groups(engine.module, 0.1) if g["weight_decay"]
+                     for p in g["params"])
+    return weights, sharded, dtypes, decayed
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sharded_construction_gives_the_plain_weights_on_any_world_size(precision):
     """ZeRO-3 builds under zero.Init (partitioned from the start); the gathered weights on 1, 2 and 4
     ranks are bitwise those of a plain (ZeRO-1, unpartitioned) build of the same seed."""
-    plain, _, dtype = run_distributed(_init_case, 1, args=(precision, 1), deepspeed=True)[0]
+    plain, _, dtype, plain_decayed = run_distributed(_init_case, 1, args=(precision, 1), deepspeed=True)[0]
+    assert plain_decayed and all(n.endswith("weight") and "norm" not in n for n in plain_decayed)
     for world in (1, 2, 4):
-        for weights, sharded, dtypes in run_distributed(_init_case, world, args=(precision, 3), deepspeed=True):
+        for weights, sharded, dtypes, decayed in run_distributed(_init_case, world, args=(precision, 3),
+                                                                 deepspeed=True):
             assert sharded and dtypes == dtype == {"torch.float32" if precision == "fp32" else "torch.bfloat16"}
             assert weights == plain
+            assert decayed == plain_decayed  # weight decay reaches the matrices of a partitioned model too

@@ -90,7 +90,8 @@ def test_hf_import_matches_transformers(hf_case):
     fields = model_config_from_pretrained(path)
     assert fields == {"vocab_size": 96, "dim": 32, "n_layers": 2, "n_heads": 4,
                       "n_kv_heads": c.num_key_value_heads, "ffn_hidden": 48, "max_seq_len": 64,
-                      "rope_theta": 5000.0, "norm_eps": 1e-6, "tie_embeddings": c.tie_word_embeddings}
+                      "rope_theta": 5000.0, "norm_eps": 1e-6, "tie_embeddings": c.tie_word_embeddings,
+                      "qkv_bias": False, "rope_scaling": "none"}
     if "sharded" in path:
         assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     model = import_model(path)
@@ -127,8 +128,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf, arch="llama", drop=()):
-    """A GGUF as llama.cpp's converter writes it: GGUF names, permuted Q/K, F32 + F16 tensors."""
+def write_gguf(path, hf, arch="llama", drop=(), rope_theta=5000.0):
+    """A GGUF as llama.cpp's converter writes it: GGUF names, Q/K permuted (llama only), F32 + F16 tensors."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -137,7 +138,7 @@ def write_gguf(path, hf, arch="llama", drop=()):
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(5000.0)
+    w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -156,10 +157,11 @@ def write_gguf(path, hf, arch="llama", drop=()):
             g = "output.weight"
         else:
             i, rest = name[len("model.layers."):].split(".", 1)
-            g = f"blk.{i}.{names[rest.removesuffix('.weight')]}.weight"
-            if rest.startswith("self_attn.q_proj"):
+            base, kind = rest.rsplit(".", 1)
+            g = f"blk.{i}.{names[base]}.{kind}"
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
                 a = llama_cpp_permute(a, c.num_attention_heads)
-            elif rest.startswith("self_attn.k_proj"):
+            elif arch == "llama" and rest == "self_attn.k_proj.weight":
                 a = llama_cpp_permute(a, c.num_key_value_heads)
             if "ffn_up" in g:
                 a = a.astype(np.float16)  # F16 path of the dequantiser
@@ -205,11 +207,13 @@ def test_merge_pretrained_config_takes_shape_and_rejects_conflicts(hf_case):
         merge_pretrained_config({"init_from": path, "tie_embeddings": not hf.config.tie_word_embeddings})
 
 
-def _zero3_case(rank, world, path, x, y):
+def _zero3_case(rank, world, path, gguf_path, x, y):
     """The integration engines.build_engine gets: seed, build, load_pretrained, deepspeed.initialize
-    (ZeRO-3 partitions the loaded weights). Then load again into the partitioned module."""
+    (ZeRO-3 partitions the loaded weights). Then load again into the partitioned module, from the HF
+    directory and from the GGUF, counting the elements this rank reads and gathering the result."""
     import deepspeed
 
+    from blade.runtime import zero
     from blade.train import engines
 
     cfg = load_config(None, [f"model.init_from={path}", "train.micro_batch_size=1",
@@ -221,28 +225,56 @@ def _zero3_case(rank, world, path, x, y):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=engines.param_groups(model, 0.1),
                                       config=engines.deepspeed_config(cfg, world))
     assert all(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters() if p.ds_numel > 64)
+    reads = []
+    counted = zero.set_from_rows
+    zero.set_from_rows = lambda p, read_rows: reads.append(counted(p, read_rows)) or reads[-1]
+    out = {}
     with torch.no_grad():
         first = engine(x[rank:rank + 1], y[rank:rank + 1]).clone()
-        for p in engine.module.parameters():  # scramble the partitions, then load into them
-            p.ds_tensor.zero_()
-        load_pretrained(engine.module, path)
-        again = engine(x[rank:rank + 1], y[rank:rank + 1]).clone()
-    return first.numpy(), again.numpy()  # numpy: pickled by value across the process boundary
+        for source in (path, gguf_path):
+            for p in engine.module.parameters():  # scramble the partitions, then load into them
+                p.ds_tensor.zero_()
+            reads.clear()
+            load_pretrained(engine.module, source)
+            again = engine(x[rank:rank + 1], y[rank:rank + 1]).clone()
+            weights = {}
+            for name, p in engine.module.named_parameters():
+                with zero.gathered(p):
+                    weights[name] = p.data.clone().numpy()
+            owned = sum(zero.owned_part(p, rank).numel() for p in engine.module.parameters())
+            out[source] = (again.numpy(), weights, sum(reads), owned)  # numpy: pickled by value
+    return first.numpy(), out
 
 
-def test_load_pretrained_before_and_after_zero3_partitioning(tied):
-    """2 gloo ranks, ZeRO-3, tied GQA checkpoint (the tied head is one shared Parameter)."""
+def test_load_pretrained_before_and_after_zero3_partitioning(tied, tmp_path):
+    """2 gloo ranks, ZeRO-3, tied GQA checkpoint (the tied head is one shared Parameter): the weights
+    equal a single-process import bitwise, and each rank reads only about its share of the file."""
     from tests.dist_harness import run_distributed
 
     path, hf = tied
+    gguf_path = write_gguf(tmp_path / "m.gguf", hf)
     x = tokens(T=24, seed=5)
     with torch.no_grad():
         ref = F.cross_entropy(hf(x).logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
-    results = run_distributed(_zero3_case, world_size=2, args=(path, x[:, :-1], x[:, 1:]),
+    results = run_distributed(_zero3_case, world_size=2, args=(path, gguf_path, x[:, :-1], x[:, 1:]),
                               deepspeed=True)
-    for rank, (first, again) in enumerate(results):
-        assert np.abs(first[0] - ref[rank].numpy()).max() < LOGIT_ATOL
-        assert np.array_equal(again, first)
+    hd = hf.config.hidden_size // hf.config.num_attention_heads
+    for source in (path, gguf_path):
+        single = {n: p.detach().numpy() for n, p in import_model(source).named_parameters()}
+        total = sum(a.size for a in single.values())
+        # beyond its part a rank reads at most a partial row each side (GGUF Q/K: a partial head)
+        unit = {n: (hd if source == gguf_path and n.endswith(("wq.weight", "wk.weight")) else 1)
+                * (a.size // a.shape[0]) for n, a in single.items()}
+        slack = 2 * sum(unit.values())
+        assert slack < total / 4
+        for rank, (first, out) in enumerate(results):
+            again, weights, read, owned = out[source]
+            assert np.abs(first[0] - ref[rank].numpy()).max() < LOGIT_ATOL
+            if source == path:
+                assert np.array_equal(again, first)
+            for name, a in single.items():
+                assert np.array_equal(weights[name], a), (source, name)
+            assert owned <= read <= owned + slack < total, (source, rank, read, owned, total)
 
 
 # ----------------------------------------------------------------------------- CLI export
@@ -308,8 +340,13 @@ def copy_ckpt(src, dst, config_edit=None, tensors_edit=None):
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
      r"unsupported architecture GPT2LMHeadModel \(model_type 'gpt2'\)"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}),
+     r"RoPE scaling 'yarn'"),
     (lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
-     r"RoPE scaling 'llama3'"),
+     r"llama3 RoPE scaling without a numeric 'low_freq_factor'"),
+    (lambda c: c.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     r"RoPE scaling 'llama3' \(blade's qwen2 has no such option\)"),
     (lambda c: c.update(attention_bias=True), "attention_bias=true"),
 ])
 def test_unsupported_hf_config(tied, tmp_path, edit, match):
@@ -382,6 +419,17 @@ def test_unreadable_inputs(tied, tmp_path):
                       tensors_edit=lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}))
     with pytest.raises(BladeError, match=r"unexpected tensor model.layers.0.self_attn.q_proj.bias"):
         load_pretrained(import_model(tied[0]), extra)
+    cut = copy_ckpt(tied[0], tmp_path / "cut")
+    weights = os.path.join(cut, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) - 100)
+    with pytest.raises(BladeError, match=r"model.safetensors is truncated: re-download") as e:
+        load_pretrained(import_model(tied[0]), cut)
+    one_line(e)
+    with open(weights, "r+b") as f:
+        f.write((10**9).to_bytes(8, "little"))  # a header length past the end of the file
+    with pytest.raises(BladeError, match=r"cannot read the safetensors header of .*re-save") as e:
+        load_pretrained(import_model(tied[0]), cut)
+    one_line(e)
     good = write_gguf(tmp_path / "m.gguf", tied[1])
     truncated = tmp_path / "t.gguf"
     truncated.write_bytes(open(good, "rb").read()[:200])
@@ -564,7 +612,7 @@ def test_smollm2_shape_from_gguf():
     assert model_config_from_pretrained(SMOL) == {
         "vocab_size": 49152, "dim": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3,
         "ffn_hidden": 1536, "max_seq_len": 8192, "rope_theta": 100000.0, "norm_eps": 1e-5,
-        "tie_embeddings": True}
+        "tie_embeddings": True, "qkv_bias": False, "rope_scaling": "none"}
 
 
 @needs_smol
@@ -648,3 +696,22 @@ def test_prepare_with_gguf_tokenizer_and_data_compat(smol, tmp_path):
         check_data_compat(SMOL, str(tmp_path / "spdata"))
     one_line(e)
     assert Tokenizer(sp).vocab_size <= 300
+
+
+def test_init_from_replaces_a_config_files_shape_but_not_the_command_lines(tied, tmp_path, capsys):
+    """The shipped YAML's shape keys give way to model.init_from (one line says so); a conflicting shape
+    key given on the command line is still an error."""
+    quickstart = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quickstart.yaml")
+    cfg = load_config(quickstart, [f"model.init_from={tied[0]}"])
+    assert (cfg.model.vocab_size, cfg.model.dim, cfg.model.rope_theta, cfg.model.norm_eps) == (96, 32, 5000.0, 1e-6)
+    assert cfg.model.max_seq_len == 64  # the file's 128 is above the checkpoint's 64: replaced too
+    note = capsys.readouterr().err.strip()
+    assert note.startswith(f"blade: model.init_from={tied[0]} sets the shape; replaced the config file's "
+                           "vocab_size 2048 -> 96, dim 128 -> 32") and "\n" not in note
+    own = tmp_path / "own.yaml"
+    own.write_text(f"inherit: {quickstart}\nmodel:\n  init_from: {tied[0]}\n  max_seq_len: 48\n")
+    assert load_config(str(own)).model.max_seq_len == 48  # lower than the checkpoint's: kept
+    with pytest.raises(ConfigError, match=r"model.dim=64 conflicts with the checkpoint .* drop it") as e:
+        load_config(quickstart, [f"model.init_from={tied[0]}", "model.dim=64"])
+    one_line(e)
+    assert load_config(quickstart, [f"model.init_from={tied[0]}", "model.dim=32"]).model.dim == 32

@@ -10,7 +10,8 @@ from tests.conftest import TINY, tiny_overrides
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.tie_embeddings=false"], ["model.n_kv_heads=4"],
-                                       ["model.n_kv_heads=1", "model.ffn_hidden=100", "model.n_layers=3"]])
+                                       ["model.n_kv_heads=1", "model.ffn_hidden=100", "model.n_layers=3"],
+                                       ["model.qkv_bias=true"]])
 def test_param_count_equals_the_model(overrides):
     m = load_config(TINY, overrides).model
     assert memory.param_count(m) == Transformer(m).num_params()

@@ -4,10 +4,9 @@
         model.max_seq_len=128 --batch 8 --seq 128
 
 For each model.activation_checkpointing mode, counts the distinct storages of the tensors saved for
-backward (torch.autograd.graph.saved_tensors_hooks) during one forward of a plain model (no DeepSpeed:
-parameters are excluded, only activations count). A checkpointed block's input is held by the
-checkpoint itself, not saved through the hook: it is added by hand (one [batch, seq, dim] tensor per
-recomputed block). Prints one JSON line per mode.
+backward during one forward of a plain model (no DeepSpeed: parameters are excluded, only activations
+count), plus the input each recomputed block holds: blade.model.plan.saved_activation_bytes, which
+`blade plan` runs on fake tensors. Prints one JSON line per mode, with the plan's figure beside it.
 """
 from __future__ import annotations
 
@@ -17,24 +16,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def saved_bytes(model, tokens, targets) -> int:
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(tokens, targets).sum()
-    loss.backward()
-    return sum(seen.values())
 
 
 def main() -> None:
@@ -48,6 +29,7 @@ def main() -> None:
     import torch
 
     from blade.config import load_config
+    from blade.model.plan import activation_bytes, saved_activation_bytes
     from blade.model.transformer import Transformer
 
     torch.set_num_threads(1)
@@ -56,11 +38,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = Transformer(cfg.model).train()
         tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1))
-        nbytes = saved_bytes(model, tokens[:, :-1], tokens[:, 1:])
-        held = sum(model._recomputed(i) for i in range(cfg.model.n_layers)) * args.batch * args.seq * cfg.model.dim * 4
+        nbytes = saved_activation_bytes(model, tokens[:, :-1], tokens[:, 1:])
+        planned = activation_bytes(cfg.model, args.batch, args.seq, "fp32")
         print(json.dumps({"activation_checkpointing": mode, "every": cfg.model.activation_checkpointing_every,
-                          "tokens": args.batch * args.seq, "activations_mib": round((nbytes + held) / 2**20, 1)}),
-              flush=True)
+                          "tokens": args.batch * args.seq, "activations_mib": round(nbytes / 2**20, 1),
+                          "planned_mib": round(planned / 2**20, 1)}), flush=True)
 
 
 if __name__ == "__main__":

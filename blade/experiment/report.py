@@ -15,6 +15,7 @@ import os
 
 from blade.config import STRATEGIES
 from blade.errors import BladeError
+from blade.experiment.oracle_report import oracle_table, plot_oracle_runs
 from blade.inspect_run import _plt
 from blade.runtime.metrics import read_metrics
 
@@ -78,6 +79,7 @@ def _run_result(run_dir: str, base_val_loss: float | None) -> dict:
             "score_hists": [{"step": d["step"], **d["score_hist"]} for d in _by_step(records, "diag")
                             if "score_hist" in d],
             "dist_u_w": [[r["step"], r["dist_u_w"]] for r in steps if "dist_u_w" in r],
+            "oracle": _by_step(records, "oracle"),  # selection.exact_interval (blade/experiment/oracle_report.py)
             "wall_time_s": sum(r["step_time_s"] for r in steps)
             + sum(r["ref_phase_time_s"] for r in _by_step(records, "ref"))}
 
@@ -344,6 +346,8 @@ def _markdown(results: dict, meta: dict, images: list[str]) -> str:
     if any(s["source_rates"] for s in strategies.values()):
         lines += ["", "### Selection rate per source (selected / seen tokens of the source)", ""]
         lines += _source_table(strategies)
+    if oracle_table(strategies):
+        lines += ["", "## Table 4: against the exact one-step choice", ""] + oracle_table(strategies)
     lines += ["", "## Plots", ""]
     lines += [f"![{title}]({name})\n" for name, title, _ in PLOTS if name in images]
     lines += ["", "## Verdict", ""] + _verdict(strategies)
@@ -358,7 +362,8 @@ def _colours(names: list[str]) -> dict:
 PLOTS = (("val_loss.png", "Target validation loss", plot_val_loss),
          ("selection_rates.png", "Selection rates per label", plot_selection_rates),
          ("score_hist.png", "Score distribution over training (paper Fig. 3)", plot_score_hists),
-         ("dist_u_w.png", "Dist(u, w) over training (paper Fig. 4)", plot_dist_u_w))
+         ("dist_u_w.png", "Dist(u, w) over training (paper Fig. 4)", plot_dist_u_w),
+         ("oracle.png", "Spearman with the exact first-order choice", plot_oracle_runs))
 
 
 def write_report(out_dir: str, results: dict, meta: dict) -> str:

@@ -1,4 +1,5 @@
-"""Export blade weights as a Hugging Face Llama checkpoint directory that `transformers` loads.
+"""Export blade weights as a Hugging Face checkpoint directory that `transformers` loads (Llama, or the
+family with the config's options: blade/interop/families.py).
 
     export_hf(model, "out/hf", tokenizer="SmolLM2.gguf")                 # a Transformer
     export_hf("out/model/model.safetensors", "out/hf")                    # `blade export` output
@@ -60,7 +61,7 @@ def _load_state(source: str) -> dict:
 
 def export_hf(source, out_dir: str, model_config=None, tokenizer: str | None = None,
               dtype: str = "float32") -> str:
-    """Write `out_dir` as a transformers LlamaForCausalLM checkpoint: config.json,
+    """Write `out_dir` as a transformers checkpoint of the config's family: config.json,
     model.safetensors (HF names), generation_config.json and the tokenizer files when available.
 
     `source`: a blade Transformer, a state dict with blade names, or a path to blade weights

@@ -5,21 +5,25 @@ llama.cpp's converter permutes the rows of attn_q / attn_k so that RoPE rotates 
 (x[2i], x[2i+1]); blade (like HF Llama) rotates halves. Within each head the converter maps row
 (half h, index i) to row (i, h), i.e. `w.reshape(heads, 2, hd/2, D).swapaxes(1, 2)`; `_unpermute`
 applies the inverse, so the imported weights give the same outputs under blade's rotate-half RoPE.
+Families whose llama.cpp RoPE rotates halves (Qwen2) are stored unpermuted (families.gguf_permuted_qk).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from blade.errors import BladeError
+from blade.interop import families
 from blade.interop.hf import rename
 
-ARCHITECTURES = ("llama",)  # llama.cpp also writes Mistral-style models as "llama"
 GGUF_PRETOKENIZERS = ("smollm", "gpt2", "gpt-2", "default", "llama-bpe", "llama3")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
                  r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _BLOCK = {"attn_norm": "attn_norm.weight", "attn_q": "attn.wq.weight", "attn_k": "attn.wk.weight",
           "attn_v": "attn.wv.weight", "attn_output": "attn.wo.weight", "ffn_norm": "mlp_norm.weight",
           "ffn_gate": "mlp.w1.weight", "ffn_up": "mlp.w3.weight", "ffn_down": "mlp.w2.weight"}
+_QKV_BIAS = {"attn_q.bias": "attn.wq.bias", "attn_k.bias": "attn.wk.bias", "attn_v.bias": "attn.wv.bias"}
 _TOP = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "norm.weight",
         "output.weight": "lm_head.weight"}
 
@@ -44,16 +48,24 @@ def _round(x: float) -> float:
     return float(f"{float(x):.7g}")
 
 
-def blade_name(gguf_name: str) -> str | None:
-    return rename(gguf_name, _TOP, r"blk\.(\d+)\.(\w+)\.weight", _BLOCK)
+def blade_name(gguf_name: str, qkv_bias: bool = False) -> str | None:
+    block = {f"{k}.weight": v for k, v in _BLOCK.items()} | (_QKV_BIAS if qkv_bias else {})
+    return rename(gguf_name, _TOP, r"blk\.(\d+)\.(\w+\.(?:weight|bias))", block)
+
+
+def _family(path: str, reader) -> families.Family:
+    arch = _field(reader, "general.architecture")
+    family = families.by_gguf_arch(arch)
+    if family is None:
+        known = ", ".join(f.gguf_arch for f in families.FAMILIES if f.gguf_arch)
+        raise BladeError(f"unsupported architecture '{arch}' in GGUF {path}: blade imports {known}")
+    return family
 
 
 def model_config(path: str, reader) -> dict:
-    """ModelConfig fields of a llama-architecture GGUF; other architectures are an error."""
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise BladeError(f"unsupported architecture '{arch}' in GGUF {path}: blade imports "
-                         f"Llama-family decoders ({', '.join(ARCHITECTURES)})")
+    """ModelConfig fields of a GGUF whose architecture is a family blade knows; others are an error."""
+    family = _family(path, reader)
+    arch = family.gguf_arch
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     heads = get("attention.head_count")
     kv = get("attention.head_count_kv", heads)
@@ -64,7 +76,8 @@ def model_config(path: str, reader) -> dict:
         raise BladeError(f"GGUF {path} uses RoPE scaling '{scaling}': blade supports plain RoPE only")
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
-        raise BladeError(f"GGUF {path} has rope_freqs (Llama-3.1-style RoPE scaling): not supported")
+        raise BladeError(f"GGUF {path} has rope_freqs (Llama-3.1-style RoPE scaling): not supported in "
+                         "GGUF; import the Hugging Face checkpoint instead")
     if "token_embd.weight" not in tensors:
         raise BladeError(f"missing tensor token_embd.weight in GGUF {path}")
     dim = int(get("embedding_length"))
@@ -74,7 +87,8 @@ def model_config(path: str, reader) -> dict:
            "max_seq_len": int(get("context_length", 2048)),
            "rope_theta": _round(get("rope.freq_base", 10000.0)),
            "norm_eps": _round(get("attention.layer_norm_rms_epsilon", 1e-5)),
-           "tie_embeddings": "output.weight" not in tensors}
+           "tie_embeddings": "output.weight" not in tensors, "qkv_bias": family.qkv_bias,
+           "rope_scaling": "none"}
     rot = get("rope.dimension_count")
     if rot is not None and int(rot) != dim // cfg["n_heads"]:
         raise BladeError(f"GGUF {path} rotates {rot} of {dim // cfg['n_heads']} head dimensions "
@@ -89,28 +103,40 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def tensors(path: str, reader, cfg: dict):
-    """Yield (blade name, fp32 array) for every tensor, dequantised one at a time."""
+    """Yield (blade name, shape, read_rows) for every tensor, where read_rows(r0, r1) dequantises to
+    fp32 only rows r0..r1 of the memory-mapped tensor (Q/K: the whole heads that hold them)."""
+    permuted = _family(path, reader).gguf_permuted_qk
+    for t in reader.tensors:
+        name = blade_name(t.name, cfg["qkv_bias"])
+        if name is None:
+            raise BladeError(f"unexpected tensor {t.name} in GGUF {path}: not part of a model blade "
+                             f"supports ({families.names()})")
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
+        heads = (None if not permuted else cfg["n_heads"] if name.endswith("attn.wq.weight")
+                 else cfg["n_kv_heads"] if name.endswith("attn.wk.weight") else None)
+        yield name, shape, functools.partial(_read_rows, path, t, shape, heads)
+
+
+def _read_rows(path: str, t, shape: tuple, heads: int | None, r0: int, r1: int) -> np.ndarray:
+    if heads is not None:  # llama.cpp permuted rows within each head: read whole heads, unpermute
+        hd = shape[0] // heads
+        h0, h1 = r0 // hd, -(-r1 // hd)
+        w = _unpermute(_dequantize(path, t, shape, h0 * hd, h1 * hd), h1 - h0)
+        return w[r0 - h0 * hd:r1 - h0 * hd]
+    return _dequantize(path, t, shape, r0, r1)
+
+
+def _dequantize(path: str, t, shape: tuple, r0: int, r1: int) -> np.ndarray:
+    """Rows r0..r1 as fp32 (t.data is rows x row-bytes for quantised types, the tensor for F32/F16)."""
     from gguf.quants import dequantize
 
-    for t in reader.tensors:
-        name = blade_name(t.name)
-        if name is None:
-            raise BladeError(f"unexpected tensor {t.name} in GGUF {path}: not part of a Llama "
-                             "model blade supports")
-        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
-        try:
-            w = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise BladeError(f"GGUF {path}: tensor {t.name} has type {t.tensor_type.name}, which the "
-                             "installed gguf package cannot dequantise: upgrade gguf") from None
-        w = np.asarray(w, dtype=np.float32).reshape(shape)
-        if not w.flags.writeable:  # F32 tensors come back as views of the read-only memory map
-            w = w.copy()
-        if name.endswith("attn.wq.weight"):
-            w = _unpermute(w, cfg["n_heads"])
-        elif name.endswith("attn.wk.weight"):
-            w = _unpermute(w, cfg["n_kv_heads"])
-        yield name, w
+    try:
+        w = dequantize(t.data[r0:r1], t.tensor_type)
+    except NotImplementedError:
+        raise BladeError(f"GGUF {path}: tensor {t.name} has type {t.tensor_type.name}, which the "
+                         "installed gguf package cannot dequantise: upgrade gguf") from None
+    w = np.asarray(w, dtype=np.float32).reshape(r1 - r0, *shape[1:])
+    return w if w.flags.writeable else w.copy()  # F32 tensors come back as views of the read-only map
 
 
 def gguf_tokenizer(path: str, reader=None):

@@ -1,4 +1,5 @@
-"""Start from pretrained checkpoints: Hugging Face Llama directories and GGUF files.
+"""Start from pretrained checkpoints: Hugging Face directories and GGUF files of the families in
+blade/interop/families.py (Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5).
 
     fields = model_config_from_pretrained("SmolLM2.gguf")      # ModelConfig fields (the shape)
     model = Transformer(ModelConfig(**fields))
@@ -21,8 +22,11 @@ from blade.interop import gguf as _gguf
 from blade.interop import hf as _hf
 
 # ModelConfig fields a checkpoint determines (the rest: dropout, init_std, loss_chunk_tokens)
+# (the rope_* factors only for a checkpoint with rope_scaling llama3)
 PRETRAINED_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
-                     "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings")
+                     "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings", "qkv_bias", "rope_scaling",
+                     "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_original_max_seq_len")
 
 
 def _kind(path: str) -> str:
@@ -74,16 +78,18 @@ def model_config_from_pretrained(path: str) -> dict:
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
+    if isinstance(a, (bool, str)) or isinstance(b, (bool, str)):
+        return a == b and type(a) is type(b)
     return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
 
 
-def merge_pretrained_config(model: dict) -> dict:
+def merge_pretrained_config(model: dict, explicit=None, say=None) -> dict:
     """The raw `model:` config section with the checkpoint's shape filled in.
 
-    Keys given explicitly must agree with the checkpoint (ConfigError otherwise), except that
-    max_seq_len may be set lower than the checkpoint's context length.
+    A key named in `explicit` (the command line's; default: every key given) must agree with the
+    checkpoint (ConfigError otherwise), except that max_seq_len may be set lower than the checkpoint's
+    context length. Any other disagreeing key (one a config file set, e.g. the quickstart's
+    vocab_size) takes the checkpoint's value, and `say` gets one line naming them.
     """
     path = model.get("init_from")
     if not isinstance(path, str):  # None, or a wrong type that the config's type check reports
@@ -91,24 +97,33 @@ def merge_pretrained_config(model: dict) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config error: model.init_from: no checkpoint at '{path}' (give a "
                           "Hugging Face checkpoint directory or a .gguf file)")
-    out = dict(model)
+    explicit = set(model) if explicit is None else set(explicit)
+    out, replaced = dict(model), []
     for key, value in model_config_from_pretrained(path).items():
         given = model.get(key)
         if given is None:
             out[key] = value
-        elif key == "max_seq_len" and isinstance(given, int) and given <= value:
+        elif key == "max_seq_len" and isinstance(given, int) and not isinstance(given, bool) \
+                and given <= value:
             continue
-        elif not _same(given, value):
+        elif _same(given, value):
+            continue
+        elif key not in explicit:
+            out[key] = value
+            replaced.append(f"{key} {given!r} -> {value!r}")
+        else:
             hint = (f"use at most {value}" if key == "max_seq_len"
                     else "drop it: the shape comes from model.init_from")
             raise ConfigError(f"config error: model.{key}={given!r} conflicts with the checkpoint "
                               f"{path} ({key}={value!r}): {hint}")
+    if replaced and say is not None:
+        say(f"model.init_from={path} sets the shape; replaced the config file's {', '.join(replaced)}")
     return out
 
 
 def _check_model(model, ck: dict, path: str) -> None:
-    for key in PRETRAINED_FIELDS:
-        have, want = getattr(model.cfg, key), ck[key]
+    for key, want in ck.items():
+        have = getattr(model.cfg, key)
         bad = have > want if key == "max_seq_len" else not _same(have, want)
         if bad:
             raise BladeError(f"shape mismatch: the model has {key}={have!r} but the checkpoint "
@@ -118,10 +133,11 @@ def _check_model(model, ck: dict, path: str) -> None:
 
 def load_pretrained(model, path: str) -> list[str]:
     """Copy a checkpoint's weights into a blade Transformer (plain, or ZeRO-3 partitioned: every rank
-    reads each tensor, one at a time, and keeps the part it owns). Returns the loaded parameter names."""
+    reads, one tensor at a time, only the rows that hold the part it owns). Returns the loaded
+    parameter names."""
     import torch
 
-    from blade.runtime.zero import full_shape, set_from_full
+    from blade.runtime.zero import full_shape, set_from_rows
 
     kind = checkpoint_kind(path)
     ck = model_config_from_pretrained(path)
@@ -133,17 +149,15 @@ def load_pretrained(model, path: str) -> list[str]:
               else _hf.tensors(path, ck))
     loaded = []
     with torch.no_grad():
-        for name, value in source:
+        for name, shape, read_rows in source:
             if name not in params:
                 raise BladeError(f"unexpected tensor {name} in {path}: the model has no such "
                                  "parameter (is the checkpoint untied while config.json says tied?)")
             p = params[name]
-            value = torch.as_tensor(value)
-            shape = full_shape(p)
-            if tuple(value.shape) != shape:
+            if shape != full_shape(p):
                 raise BladeError(f"shape mismatch for {name} in {path}: checkpoint "
-                                 f"{tuple(value.shape)}, model {shape}")
-            set_from_full(p, value)  # ZeRO-3: this rank's part only
+                                 f"{shape}, model {full_shape(p)}")
+            set_from_rows(p, read_rows)  # ZeRO-3: the rows of this rank's part only
             loaded.append(name)
     missing = sorted(set(params) - set(loaded), key=_param_order(params))
     if missing:

@@ -26,6 +26,7 @@ def param_count(m: ModelConfig) -> int:
     """Parameters of blade's Transformer by formula (equals Transformer(m).num_params())."""
     kv = m.n_kv_heads * (m.dim // m.n_heads)
     block = 2 * m.dim * m.dim + 2 * m.dim * kv + 3 * m.dim * m.ffn_hidden + 2 * m.dim
+    block += (m.dim + 2 * kv) if m.qkv_bias else 0
     head = 0 if m.tie_embeddings else m.vocab_size * m.dim
     return m.vocab_size * m.dim + m.n_layers * block + m.dim + head
 

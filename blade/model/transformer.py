@@ -91,9 +91,29 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """fp32 inverse frequencies [head_dim / 2]: theta^(-2i/head_dim), rescaled for rope_scaling=llama3.
+
+    llama3 (transformers' `_compute_llama3_parameters`): wavelengths longer than
+    original_max / low_freq_factor are stretched by `factor`, those shorter than original_max /
+    high_freq_factor are kept, and the band between interpolates linearly in original_max / wavelength.
+    """
+    head_dim = cfg.dim // cfg.n_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    ramp = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, ramp, scaled)
+
+
+def rope_tables(inv_freq: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin of shape [max_seq_len, head_dim]; frequencies concatenated twice (HF Llama layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -128,9 +148,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
         self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -214,14 +234,15 @@ class Transformer(nn.Module):
                        else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim)))
         self.lm_head = LMHead(head_weight, cfg.loss_chunk_tokens)
         # fp32 tables; a bf16 cast of the whole model rounds them as HF's cast at use would
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(rope_frequencies(cfg), cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        """normal(0, init_std); wo and w2 scaled by 1/sqrt(2 * n_layers) (GPT-2); RMSNorm weights 1.
+        """normal(0, init_std); wo and w2 scaled by 1/sqrt(2 * n_layers) (GPT-2); RMSNorm weights 1,
+        biases 0.
 
         Under deepspeed.zero.Init the parameters are already partitioned (empty) here, so each one is
         gathered, set from rank 0's RNG and re-partitioned: the weights equal a plain build's.
@@ -231,6 +252,8 @@ class Transformer(nn.Module):
             with gathered(p):
                 if name.endswith("norm.weight"):
                     nn.init.ones_(p)
+                elif name.endswith(".bias"):
+                    nn.init.zeros_(p)
                 elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
                     nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
                 else:

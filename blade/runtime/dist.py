@@ -154,6 +154,20 @@ def all_reduce(t, op=None, group=None):
     return t
 
 
+def all_gather(t, group=None):
+    """Every rank's `t` (the same shape on every rank) stacked in rank order, [world, *t.shape], on every
+    rank; t[None] alone. gloo gathers no bool tensors: pass integers."""
+    import torch
+    import torch.distributed as dist
+
+    if rank_and_world(group)[1] == 1:
+        return t[None]
+    src = t.cuda() if dist.get_backend(group) == "nccl" and not t.is_cuda else t.contiguous()
+    out = [torch.empty_like(src) for _ in range(rank_and_world(group)[1])]
+    dist.all_gather(out, src, group=group)
+    return torch.stack(out).to(t.device)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sums of a few Python numbers over the ranks, in float64 (one collective)."""
     import torch

@@ -54,18 +54,39 @@ def gathered(p: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters(p, modifier_rank=0)
 
 
-def set_from_full(p: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Set a parameter from its whole value, which every rank holds: a ZeRO-3 rank copies only the part
-    it owns (no collective, no gathered copy); below stage 3 the whole tensor."""
+def owned_range(p: torch.nn.Parameter, rank: int) -> tuple[int, int]:
+    """The flat element range [start, end) of the whole parameter that this rank owns (everything
+    below stage 3)."""
     if not hasattr(p, "ds_tensor"):
-        p.data.copy_(value)
-        return
+        return 0, p.numel()
+    start = rank * p.ds_tensor.numel()
+    return start, start + owned_part(p, rank).numel()
+
+
+def owned_rows(p: torch.nn.Parameter, rank: int) -> tuple[int, int]:
+    """The rows [r0, r1) (slices along dim 0) that hold this rank's elements: what a loader reads."""
+    start, end = owned_range(p, rank)
+    shape = full_shape(p)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return (start // row, -(-end // row)) if end > start else (0, 0)
+
+
+def set_from_rows(p: torch.nn.Parameter, read_rows) -> int:
+    """Set a parameter from `read_rows(r0, r1)`, which returns rows r0..r1 of its whole value: a ZeRO-3
+    rank reads and copies only the rows that hold its part (no collective, no whole copy); below
+    stage 3 every row. Returns the number of elements read."""
     from blade.runtime.dist import rank_and_world
 
-    rank = rank_and_world()[0]
+    rank = rank_and_world()[0] if hasattr(p, "ds_tensor") else 0
+    start, end = owned_range(p, rank)
+    r0, r1 = owned_rows(p, rank)
+    if r1 == r0:
+        return 0
+    rows = torch.as_tensor(read_rows(r0, r1)).flatten()
+    offset = start - r0 * (rows.numel() // (r1 - r0))
     mine = owned_part(p, rank)
-    start = rank * p.ds_tensor.numel()
-    mine.copy_(value.flatten()[start:start + mine.numel()])
+    mine.copy_(rows[offset:offset + end - start].view(mine.shape))
+    return rows.numel()
 
 
 def cast_partitions(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -100,12 +121,75 @@ def master_partitions(engine) -> list[torch.Tensor]:
     return []
 
 
+def full_fp32_state(engine, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter's whole fp32 master value (key None) or optimizer state `key` ("exp_avg",
+    "exp_avg_sq"), by name, on every rank (CPU copies). A collective at ZeRO-3 (every rank calls it,
+    one all-gather per parameter). Zeros before the optimizer's first step, as a fresh AdamW has.
+    Stage 0 in fp32: the parameters are the masters (stage 0 in bf16 keeps its masters elsewhere and
+    is refused by the one caller, blade/config.py)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    state = base_optimizer(engine).state
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if key is not None and not state:
+            value = torch.zeros(full_shape(p))
+        elif hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO-3; ZeRO-1/2 and bf16 wrappers
+            value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        else:
+            value = p.data if key is None else state[p][key]
+        out[name] = value.detach().float().reshape(full_shape(p)).cpu().clone()
+    return out
+
+
+def weight_decays(engine) -> dict[str, float]:
+    """The weight decay the engine's optimizer applies to each parameter, by name: read from its groups
+    (ZeRO-3 sub-groups, ZeRO-1/2 and bf16 groups, or the plain optimizer's), i.e. what its step does."""
+    base, opt = base_optimizer(engine).param_groups, engine.optimizer
+    if hasattr(opt, "sub_group_to_group_id"):  # ZeRO-3: sub-group i belongs to source group [i]
+        groups = [(params, base[opt.sub_group_to_group_id[i]]) for i, params in enumerate(opt.fp16_groups)]
+    elif hasattr(opt, "bit16_groups") or hasattr(opt, "bf16_groups"):  # ZeRO-1/2; BF16_Optimizer
+        groups = list(zip(getattr(opt, "bit16_groups", None) or opt.bf16_groups, base, strict=True))
+    else:  # stage 0 in fp32: the torch optimizer holds the parameters themselves
+        groups = [(g["params"], g) for g in base]
+    by_id = {id(p): g["weight_decay"] for params, g in groups for p in params}
+    return {name: by_id[id(p)] for name, p in engine.module.named_parameters()}
+
+
+def optimizer_steps(engine) -> int:
+    """The optimizer's step counter (AdamW's bias corrections use it): 0 before its first step."""
+    for state in base_optimizer(engine).state.values():
+        return int(state["step"])
+    return 0
+
+
 def base_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's wrappers (it holds the AdamW moments)."""
     opt = engine.optimizer
     while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
         opt = opt.optimizer
     return opt
+
+
+@contextlib.contextmanager
+def plain_linear():
+    """torch's own F.linear inside: a ZeRO-3 build (deepspeed.zero.Init) replaces it process-wide with
+    a memory-efficient autograd.Function, which torch.func cannot differentiate in forward mode."""
+    import torch.nn.functional as F
+
+    try:
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+    except ImportError:
+        Init = None
+    original = getattr(Init, "linear_bk", None)
+    if original is None or F.linear is original:
+        yield
+        return
+    patched, F.linear = F.linear, original
+    try:
+        yield
+    finally:
+        F.linear = patched
 
 
 def drop_gathered(engine) -> None:

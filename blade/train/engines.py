@@ -104,9 +104,10 @@ def lr_at(cfg: BladeConfig, step: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices, not norms (the same grouping for both twins keeps their partitions aligned)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
+    """Decay matrices, not norms (the same grouping for both twins keeps their partitions aligned). By
+    the parameters' model shapes: under zero.Init a parameter is an empty 1-D placeholder."""
+    decay = [p for p in model.parameters() if len(zero.full_shape(p)) >= 2]
+    other = [p for p in model.parameters() if len(zero.full_shape(p)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 

@@ -27,7 +27,7 @@ from blade.runtime.dist import World, all_reduce_sum
 from blade.runtime.metrics import MetricsLogger
 from blade.runtime.preempt import Preempted, StopRequest
 from blade.runtime.timing import PhaseTimer
-from blade.train import engines, schedule, state
+from blade.train import engines, oracle, schedule, state
 from blade.train.batch import to_micro_batch
 from blade.train.diagnostics import SelectionDiagnostics
 from blade.train.step import BladeStep, Counters, NonFiniteAbort
@@ -42,6 +42,7 @@ class Trainer:
         self.cfg, self.world = cfg, world
         t, sel = cfg.train, cfg.selection
         check_paths(cfg)  # the data exists and fits the model and the strategy: refused before any engine
+        oracle.check_config(cfg)  # selection.exact_interval: tractable models only
         self._lock_run_dir()  # one job per run directory
         self.datasets = {name: open_dataset(path, cfg.model.vocab_size, cfg.data.on_bad_shard)
                          for name, path in (("train", cfg.data.train), ("target", cfg.data.target),
@@ -72,8 +73,9 @@ class Trainer:
         self.log = MetricsLogger(cfg.run.dir, world.is_main, cfg.logging.wandb, cfg.logging.wandb_project,
                                  cfg.run.name or os.path.basename(os.path.normpath(cfg.run.dir)),
                                  config_to_dict(cfg), t.steps, cfg.logging.progress)
+        exact = oracle.ExactOracle(cfg, world, self.datasets.get("target"), self.log)
         self.stepper = BladeStep(cfg, world, self.engines, self.streams, self.diagnostics, self.counters,
-                                 self.timer, self.log, self.stop, self.check_stop)
+                                 self.timer, self.log, self.stop, self.check_stop, exact)
         saved = state.restore(self, resume_path) if resume_path else None
         if world.is_main:
             dump_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))

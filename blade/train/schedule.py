@@ -29,6 +29,14 @@ def reference_phase_before(sel: SelectionConfig, step: int) -> bool:
     return since == 0 if sel.strategy == "rho1" else since % sel.tau == 0
 
 
+def steps_since_reference(sel: SelectionConfig, step: int) -> int | None:
+    """Proxy steps since the last reference phase began (0: right after it); None without one yet."""
+    if not uses_reference(sel.strategy) or step < sel.warmup_full_ce_steps:
+        return None
+    since = step - sel.warmup_full_ce_steps
+    return since if sel.strategy == "rho1" else since % sel.tau
+
+
 def n_reference_phases(sel: SelectionConfig, steps: int) -> int:
     """How many reference phases a run of `steps` proxy steps has (= reference_phase_before counted)."""
     after_warmup = max(0, steps - sel.warmup_full_ce_steps)

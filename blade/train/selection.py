@@ -186,13 +186,27 @@ def _generator_seed(seed: int, step: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step) % (1 << 63)
 
 
+def _full_draw(draw, shape: tuple[int, int, int], seed: int, step: int) -> torch.Tensor:
+    """One draw [M, world, N] over the whole global batch, seeded by (seed, step)."""
+    return draw(shape, torch.Generator().manual_seed(_generator_seed(seed, step)))
+
+
 def _global_draw(draw, valid: torch.Tensor, seed: int, step: int, group) -> torch.Tensor:
     """This rank's slice of one draw over the whole global batch, seeded by (seed, step): the value
     at a global position does not depend on the world size. Cost: M * world * N numbers per rank."""
     rank, world = rank_and_world(group)
     m, n = valid.shape[0], valid[0].numel()
-    gen = torch.Generator().manual_seed(_generator_seed(seed, step))
-    return draw((m, world, n), gen)[:, rank].reshape(valid.shape).to(valid.device)
+    return _full_draw(draw, (m, world, n), seed, step)[:, rank].reshape(valid.shape).to(valid.device)
+
+
+def _uniform(shape, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=gen)
+
+
+def random_keys(m: int, world: int, n: int, seed: int, step: int) -> torch.Tensor:
+    """The keys select_random ranks by, for the whole global batch in global order: [M * world, N]
+    (the exact oracle's view of the random baseline, on one rank)."""
+    return _full_draw(_uniform, (m, world, n), seed, step).reshape(m * world, n)
 
 
 def select_random(valid: torch.Tensor, gamma: float, seed: int, step: int,
@@ -202,7 +216,7 @@ def select_random(valid: torch.Tensor, gamma: float, seed: int, step: int,
     Token keys depend only on (seed, step, global position), so the selection does not depend on
     the world size. (float32 keys may tie, rarely; ties go to the lower position, a negligible bias.)
     """
-    keys = _global_draw(lambda shape, gen: torch.rand(shape, generator=gen), valid, seed, step, group)
+    keys = _global_draw(_uniform, valid, seed, step, group)
     return _global_topk(keys, valid, lambda nv: keep_count(gamma, nv), group)
 
 

@@ -56,9 +56,10 @@ class BladeStep:
     every pool batch and reference step, so that a preemption never waits for a whole phase."""
 
     def __init__(self, cfg, world, twins: engines.Engines, streams: dict, diagnostics, counters: Counters,
-                 timer, log, stop, check_stop):
+                 timer, log, stop, check_stop, oracle):
         self.cfg, self.sel, self.world = cfg, cfg.selection, world
         self.twins, self.streams, self.diagnostics, self.counters = twins, streams, diagnostics, counters
+        self.oracle = oracle  # blade/train/oracle.py: the exact bi-level choice, every exact_interval steps
         self.timer, self.log, self.stop, self.check_stop = timer, log, stop, check_stop
         self.scored = schedule.uses_reference(self.sel.strategy)  # rho1 / blade score with l(u) - l(w)
 
@@ -125,6 +126,7 @@ class BladeStep:
                 with timer("selection"):
                     mask, stats = selection.select_random(valid, sel.gamma, cfg.train.seed, step)
         weights = selection.frank_wolfe_weights(mask, valid, sel.gamma, sel.eta if selecting else 1.0)
+        self.oracle.measure(step, proxy, mbs, mask, score)  # against the exact choice, when due (off: 0 cost)
 
         # the proxy update on sum(weights * l_u) / sum(weights) over the global batch
         total_weight, n_selected = all_reduce_sum([float(weights.sum()), float(mask.sum())])

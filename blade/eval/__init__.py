@@ -1,0 +1,1 @@
+"""Downstream evaluation with EleutherAI's lm-evaluation-harness (`blade eval`; blade/eval/harness.py)."""
