@@ -170,7 +170,7 @@ def _last_eval(run_dir: str) -> float | None:
 
 def _stage_name(label: str, seed: int, first_seed: int) -> str:
     """OUT/<name>: blade[lam=0] with seed 1235 -> blade_lam=0-s1235 (the first seed has no suffix)."""
-    name = label.replace("[", "_").replace("]", "").replace(",", "_")
+    name = label.replace("[", "_").replace("]", "").replace(",", "_").replace("/", "-")
     return name if seed == first_seed else f"{name}-s{seed}"
 
 
