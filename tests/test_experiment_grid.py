@@ -29,6 +29,9 @@ def test_grid_groups_are_products_and_several_groups_their_union():
                        (["selection.strategy=rho1,blade"], "--strategies")):
         with pytest.raises(BladeError, match=match):
             parse_grid([bad])
+    for point in ({"selection.tau": "abc"}, {"selection.k_ref_steps": "0"}, {"selection.tau": "1.5"}):
+        with pytest.raises(BladeError, match="positive integer"):
+            stage_overrides("blade", 150, [], point)
 
 
 def test_what_each_strategy_reads():

@@ -82,15 +82,26 @@ def stage_overrides(strategy: str, steps: int, overrides: list[str], point: dict
 
     def settings(p: dict) -> dict:
         merged = {**given, **p}
-        tau, k = merged.get("selection.tau"), merged.get("selection.k_ref_steps")
-        schedule = scaled_schedule(steps, None if tau is None else int(tau), None if k is None else int(k))
-        return {**{key: str(v) for key, v in schedule.items()}, **merged}
+        tau, k = (_positive_int(merged, key) for key in ("selection.tau", "selection.k_ref_steps"))
+        return {**{key: str(v) for key, v in scaled_schedule(steps, tau, k).items()}, **merged}
 
     default, at_point = settings({}), settings(point)
     out = {key: v for key, v in default.items() if not reads(strategy, key)}
     out.update({key: v for key, v in at_point.items() if reads(strategy, key)})
     ordered = [key for key in at_point if key in out] + [key for key in default if key not in at_point]
     return [f"{key}={out[key]}" for key in ordered]
+
+
+def _positive_int(settings: dict, key: str) -> int | None:
+    if key not in settings:
+        return None
+    try:
+        value = int(settings[key])
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BladeError(f"{key}={settings[key]}: must be a positive integer (steps)")
+    return value
 
 
 def point_label(strategy: str, settings: list[str], default: list[str]) -> str:

@@ -170,7 +170,7 @@ def _last_eval(run_dir: str) -> float | None:
 
 def _stage_name(label: str, seed: int, first_seed: int) -> str:
     """OUT/<name>: blade[lam=0] with seed 1235 -> blade_lam=0-s1235 (the first seed has no suffix)."""
-    name = label.replace("[", "_").replace("]", "").replace(",", "_")
+    name = label.replace("[", "_").replace("]", "").replace(",", "_").replace("/", "-")
     return name if seed == first_seed else f"{name}-s{seed}"
 
 
@@ -266,8 +266,10 @@ def _meta(cfg, data: str, manifest: dict | None, ranks: int, seeds: list[int], t
         "the same data order for every strategy of a seed",
         f"selection: gamma {s.gamma}; blade tau {s.tau}, K {s.k_ref_steps}, lambda {s.lam}; rho1 "
         f"K0 {s.rho1_ref_steps} (= blade's total reference steps)",
-        f"wall time: {total_s / 60:.1f} min in all (stages done earlier count their own time); "
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()),
+        f"wall time: {sum(times.values()) / 60:.1f} min summed over the {len(times)} stages ("
+        + (", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) if len(times) <= 6 else
+           f"base {times.get('base', 0) / 60:.1f} min, the longest {max(times.values()) / 60:.1f} min")
+        + f"); {total_s / 60:.1f} min this invocation",
     ]
     return {"command": command, "setup": setup, "steps": t.steps, "gamma": s.gamma, "tau": s.tau,
             "k_ref_steps": s.k_ref_steps, "rho1_ref_steps": s.rho1_ref_steps, "seed": seeds[0],
