@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 SETTINGS = {  # name -> overrides of configs/quickstart.yaml (tau 40, K 20, lambda 1, K0 50, 20 warm-up steps)
     "blade": [],
     "blade K=5": ["selection.k_ref_steps=5"],
+    "blade lam=0": ["selection.lam=0"],
     "rho1": ["selection.strategy=rho1"],
     "random": ["selection.strategy=random"],
 }
