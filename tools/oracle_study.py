@@ -1,7 +1,7 @@
 """How close is each strategy's selection to the exact one-step bi-level choice? (docs/experiments/exact-oracle.md)
 
     .venv/bin/python tools/oracle_study.py [--out runs/oracle] [--doc docs/experiments/exact-oracle]
-                                           [--only NAME ...] [--steps 60] [--interval 5]
+                                           [--only NAME ...] [--steps 100] [--interval 5]
 
 Trains the quickstart model (configs/quickstart.yaml, 0.63M parameters, the built-in corpus) once per
 setting below on one rank (global batch 16 x 128 as in the quickstart's 2 x 8) with the exact oracle
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/oracle")
     ap.add_argument("--doc", default="docs/experiments/exact-oracle")
     ap.add_argument("--only", nargs="*", help="run only these settings (the report reads every finished one)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--interval", type=int, default=5)
     args = ap.parse_args()
     data = os.path.join(ROOT, "data", "builtin")
