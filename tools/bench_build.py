@@ -27,16 +27,12 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
 def _load_peak_growth(cfg, world: int) -> int:
     """Bytes by which the resident set peaks above its level before load_pretrained."""
     import deepspeed
     import torch
 
+    from blade.bench.probes import MemoryProbe
     from blade.interop.pretrained import load_pretrained
     from blade.model.transformer import Transformer
     from blade.train.engines import deepspeed_config
@@ -44,11 +40,10 @@ def _load_peak_growth(cfg, world: int) -> int:
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world), dtype=torch.float32,
                              enabled=cfg.deepspeed.zero_stage == 3):
         model = Transformer(cfg.model)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = _status_kib("VmRSS")
+    probe = MemoryProbe("cpu")  # VmHWM, reset to the current resident set through clear_refs
+    before = probe.reset()
     load_pretrained(model, cfg.model.init_from)
-    return (_status_kib("VmHWM") - before) * 1024
+    return probe.peak() - before
 
 
 def main() -> None:
