@@ -245,13 +245,10 @@ def _data_lines(data: str, manifest: dict | None) -> list[str]:
 
 def _meta(cfg, data: str, manifest: dict | None, ranks: int, seeds: list[int], times: dict, total_s: float,
           command: str, base_cfg, init_from: str | None) -> dict:
-    import torch
-
-    from blade.model.transformer import Transformer
+    from blade.model.memory import param_count
 
     t, s, m = cfg.train, cfg.selection, cfg.model
-    with torch.device("meta"):
-        params = sum(p.numel() for p in Transformer(m).parameters())
+    params = param_count(m)
     seq_len = _split_manifest(data, "train")["seq_len"]
     tokens = t.micro_batch_size * ranks * t.grad_accum * seq_len
     start = (f"start: {init_from} (--init-from)" if base_cfg is None else
