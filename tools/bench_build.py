@@ -29,16 +29,12 @@ def _peak_rss() -> int:
 
 def _load_peak_growth(cfg, world: int) -> int:
     """Bytes by which the resident set peaks above its level before load_pretrained."""
-    import deepspeed
-    import torch
-
     from blade.bench.probes import MemoryProbe
     from blade.interop.pretrained import load_pretrained
     from blade.model.transformer import Transformer
-    from blade.train.engines import deepspeed_config
+    from blade.train.engines import deepspeed_config, fp32_build
 
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world), dtype=torch.float32,
-                             enabled=cfg.deepspeed.zero_stage == 3):
+    with fp32_build(deepspeed_config(cfg, world), enabled=cfg.deepspeed.zero_stage == 3):
         model = Transformer(cfg.model)
     probe = MemoryProbe("cpu")  # VmHWM, reset to the current resident set through clear_refs
     before = probe.reset()

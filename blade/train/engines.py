@@ -59,7 +59,8 @@ class Engines:
         return {"ready": self.reference_ready}
 
     def load_state_dict(self, state: dict) -> None:
-        """After the engines' files are loaded: a checkpoint is never taken inside a reference phase."""
+        """After the engines' files are loaded. The reference only scores until the next sync (a
+        checkpoint inside a phase has no reference files: the resumed phase syncs it from the proxy)."""
         self.reference_ready = state["ready"]
         if self.reference is not None:
             zero.release_training_state(self.reference)
@@ -130,7 +131,7 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
     if cfg.train.compile:
         check_compile("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32, enabled=sharded):
+    with fp32_build(config, enabled=sharded):
         model = Transformer(cfg.model)
     if init_from:  # continual pretraining: every rank takes part (ZeRO-3: each keeps its partitions)
         from blade.interop.pretrained import load_pretrained
@@ -150,6 +151,16 @@ def build_engine(cfg: BladeConfig, world_size: int, seed: int, schedule: bool,
     if cfg.train.compile:  # after initialize: DeepSpeed's hooks are in place, names unchanged
         compile_blocks(engine.module)
     return engine
+
+
+def fp32_build(config: dict, enabled: bool):
+    """deepspeed.zero.Init building in fp32. The dtype comes from the config, not from `dtype=`:
+    DeepSpeed 0.19's zero.Init reads an explicit dtype as `dtype or fp16 if fp16_supported else bf16
+    ...`, which on a CPU without fp16 support (e.g. AMD EPYC) builds bf16 partitions whatever dtype
+    says (tests/test_engines.py checks the build's dtype)."""
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path={**config, "bf16": {"enabled": False}}, enabled=enabled)
 
 
 def per_token_loss(engine, inputs: torch.Tensor, targets: torch.Tensor, grad: bool,
