@@ -235,31 +235,44 @@ def test_torn_saves_resume_from_the_last_complete_checkpoint(builtin_data, tmp_p
     assert not [n for n in os.listdir(ckpts) if "deleting" in n]
 
 
-@pytest.mark.slow  # four launches: 30-60 s on 2 busy cores
+@pytest.mark.slow  # five launches: 40-75 s on 2 busy cores
 def test_preemption_signals_checkpoint_and_exit_75(builtin_data, tmp_path, straight):
-    """SIGTERM on rank 1 in the middle of step 1, SIGUSR1 on rank 0 inside the reference phase of
-    step 6, SIGTERM on rank 1 between evaluation batches after step 7: every time both ranks agree,
-    checkpoint and exit 75; resuming three times reproduces the uninterrupted run."""
+    """SIGTERM on rank 1 in the middle of step 1, SIGUSR1 on rank 0 while the phase of step 3 scores its
+    pool, SIGUSR1 on rank 0 inside the reference steps of step 6, SIGTERM on rank 1 between evaluation
+    batches after step 7: every time both ranks agree, checkpoint and exit 75; resuming four times
+    reproduces the uninterrupted run."""
     base = straight("blade")
     run_dir = str(tmp_path / "run")
     args = ("selection.strategy=blade", INTERVAL, "checkpoint.resume=auto")
+    ckpts = checkpoint.root(run_dir)
 
     assert launch(builtin_data, run_dir, *args, faults_spec="sigterm@train_step:1#1") == [75, 75], log_tail(run_dir)
     assert ckpt_names(run_dir) == ["step_000002"]  # written at the boundary after step 1
     assert "SIGTERM received on rank 1" in log_tail(run_dir)
 
+    # before the sync: the state before the phase is saved, with the outgoing reference w_prev
+    codes = launch(builtin_data, run_dir, *args, faults_spec="sigusr1@ref_score:3:1#0")
+    assert codes == [75, 75], log_tail(run_dir)
+    assert ckpt_names(run_dir)[-1] == "step_000003"
+    assert os.path.isdir(os.path.join(ckpts, "step_000003", "reference"))
+    assert state.read_state(os.path.join(ckpts, "step_000003"))["components"]["phase"] == {"pending": None}
+
     codes = launch(builtin_data, run_dir, *args, faults_spec="sigusr1@ref_step:6:1#0")
     assert codes == [75, 75], log_tail(run_dir)
-    # the stop came after the reference phase began: its partial work is dropped and the checkpoint
-    # written just before it (co-scheduled with the sync) is the resume point
+    # after the sync: the partial phase is dropped and its sync checkpoint, written after w <- u with
+    # the pool masks and without the reference (it equals the proxy there), is the resume point
     assert ckpt_names(run_dir)[-1] == "step_000006"
     stop = [r for r in read_metrics(run_dir) if r["kind"] == "preempt"][-1]
     assert stop["where"] == "ref_step" and stop["checkpoint"].endswith("step_000006")
+    assert not os.path.exists(os.path.join(ckpts, "step_000006", "reference"))
+    assert state.read_state(os.path.join(ckpts, "step_000006"))["components"]["phase"]["pending"]["step"] == 6
+    assert torch.load(os.path.join(ckpts, "step_000006", "rank_00001.pt"),
+                      weights_only=True)["components"]["phase"]["masks"].any()
 
     codes = launch(builtin_data, run_dir, *args, faults_spec="sigterm@eval_batch:7:1#1")
     assert codes == [75, 75], log_tail(run_dir)
     assert ckpt_names(run_dir)[-1] == "step_000008"
-    assert json.load(open(os.path.join(checkpoint.root(run_dir), "step_000008", "state.json")))["components"]["loop"]["eval_pending"] == 7
+    assert json.load(open(os.path.join(ckpts, "step_000008", "state.json")))["components"]["loop"]["eval_pending"] == 7
 
     assert launch(builtin_data, run_dir, *args) == [0, 0], log_tail(run_dir)  # only the cut evaluation is left
     assert_same_run(base, run_dir)
@@ -330,26 +343,31 @@ def test_nonfinite_steps_are_skipped_then_abort(builtin_data, tmp_path):
 
 
 @pytest.mark.slow  # several 2- and 4-rank launches: 30-60 s on 2 busy cores
-@pytest.mark.parametrize("before, after", [(4, 2), (2, 4)])
-def test_resume_on_another_world_size(builtin_data, tmp_path, before, after):
+@pytest.mark.parametrize("before, after, start", [(4, 2, 4), (2, 4, 6)])
+def test_resume_on_another_world_size(builtin_data, tmp_path, before, after, start):
     """The global batch stays 16 sequences (micro 4 x 2 ranks = micro 2 x 4 ranks). Weights, Adam
     moments and data positions carry over exactly; what differs is the order in which gradients are
     summed (and the re-derived RNG, which dropout 0 leaves unused), so the losses after the resume
-    agree to 1e-5 relative (measured: < 1e-7) and the same tokens are seen and selected."""
+    agree to 1e-5 relative (measured: < 1e-7) and the same tokens are seen and selected. From step 4
+    the resumed run crosses the sync of step 6; step 6 is that sync's checkpoint, written inside the
+    phase: the 4 ranks find their pool masks among the 2 old ranks' by stream position."""
     micro = {2: "train.micro_batch_size=4", 4: "train.micro_batch_size=2"}
     args = ("selection.strategy=blade", "model.dropout=0.0", INTERVAL)
     base, run_dir = str(tmp_path / "straight"), str(tmp_path / "resharded")
     assert launch(builtin_data, base, *args, micro[before], world=before) == [0] * before, log_tail(base)
-    start = os.path.join(checkpoint.root(base), "step_000004")
-    codes = launch(builtin_data, run_dir, *args, micro[after], f"checkpoint.resume={start}", world=after)
+    path = os.path.join(checkpoint.root(base), checkpoint.step_name(start))
+    codes = launch(builtin_data, run_dir, *args, micro[after], f"checkpoint.resume={path}", world=after)
     assert codes == [0] * after, log_tail(run_dir)
     assert f"resharding from {before} to {after} ranks" in log_tail(run_dir)
-    a = [r for r in read_metrics(base) if r["kind"] in ("train", "eval") and r["step"] >= 4]
-    b = [r for r in read_metrics(run_dir) if r["kind"] in ("train", "eval")]
+    kinds = ("train", "eval", "ref")
+    a = [r for r in read_metrics(base) if r["kind"] in kinds and r["step"] >= start]
+    b = [r for r in read_metrics(run_dir) if r["kind"] in kinds]
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
     for ra, rb in zip(a, b):
-        key = "loss" if ra["kind"] == "train" else "val_loss"
+        key = {"train": "loss", "eval": "val_loss", "ref": "ref_final_loss"}[ra["kind"]]
         assert rb[key] == pytest.approx(ra[key], rel=1e-5), (ra, rb)
+        if ra["kind"] == "ref":
+            continue
         assert ra["tokens_seen"] == rb["tokens_seen"]
         if ra["kind"] == "train":
             assert (ra["n_valid"], ra["n_selected"]) == (rb["n_valid"], rb["n_selected"])

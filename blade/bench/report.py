@@ -71,7 +71,7 @@ def global_tokens_per_step(micro: int, accum: int, world: int, seq_len: int) -> 
 
 
 def checkpoints_per_step(strategy: str, interval: int, tau: int) -> float:
-    """Saves per step in a long run: every `interval` steps, and before every blade sync."""
+    """Saves per step in a long run: every `interval` steps, and at every blade sync."""
     rate = 1.0 / interval if interval else 0.0
     if strategy == "blade":
         rate += 1.0 / tau

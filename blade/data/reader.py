@@ -198,13 +198,15 @@ def batch_positions(start: int, q: int, micro: int, world: int, rank: int) -> ra
 
 
 def _micro_batch(ds: ShardDataset, order: GlobalOrder, positions) -> dict[str, torch.Tensor]:
-    """tokens/sources/labels LongTensor[micro, seq_len + 1], valid BoolTensor, dataset `index`."""
+    """tokens/sources/labels LongTensor[micro, seq_len + 1], valid BoolTensor, dataset `index`, stream
+    `position` (unique over epochs, the same on any world size)."""
     index = [order.index(p) for p in positions]
     samples = [ds[i] for i in index]
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
              for k in ("tokens", "sources", "labels")}
     batch["valid"] = torch.tensor([s["valid"] for s in samples], dtype=torch.bool)
     batch["index"] = torch.tensor(index, dtype=torch.long)
+    batch["position"] = torch.tensor(list(positions), dtype=torch.long)
     return batch
 
 
@@ -290,7 +292,11 @@ class DataStream:
             raise DataError(f"the data in {self.ds.path} differs from the data the checkpoint was "
                             "trained on (fingerprint mismatch): resume with the original data or "
                             "start a new run")
-        self._position, self._batches = int(state["position"]), None  # drops prefetched batches
+        self.seek(int(state["position"]))
+
+    def seek(self, position: int) -> None:
+        """Continue from stream position `position` (drops prefetched batches)."""
+        self._position, self._batches = position, None
 
 
 def eval_batches(ds: ShardDataset, micro: int, world: int, rank: int, sequences: int = 0) -> list[dict]:

@@ -2,8 +2,7 @@
 
     for step in range(start, steps):
         if a reference phase is due (blade: W, W + tau, ...; rho1: W):
-            checkpoint                   # co-scheduled with the sync: the state before w <- u
-            reference_phase(step)
+            reference_phase(step)        # scores its pool, w <- u, checkpoint (co-scheduled), K steps
         train_step(step)                 # one BLADE / RHO-1 / random / full step: blade/train/step.py
         diagnostics, eval every train.eval_interval, checkpoint every checkpoint.interval
         stop point: SIGTERM / SIGUSR1 / wall time agreed by all ranks -> checkpoint, exit 75
@@ -101,7 +100,7 @@ class Trainer:
 
     def components(self) -> dict:
         """Everything stateful a checkpoint saves besides the engines' weights (blade/train/state.py)."""
-        return {"loop": self, "counters": self.counters, "reference": self.engines,
+        return {"loop": self, "counters": self.counters, "reference": self.engines, "phase": self.stepper.phase,
                 "diagnostics": self.diagnostics, "metrics": self.log, "streams": self.streams,
                 "data": self.datasets}
 
@@ -174,9 +173,8 @@ class Trainer:
         cfg, twins = self.cfg, self.engines
         modules = {"proxy": twins.proxy.module, "reference": twins.reference and twins.reference.module}
         if schedule.reference_phase_before(cfg.selection, step):
-            self.save_checkpoint(step)  # co-scheduled with the sync: the state before w <- u
             with faults.poisoned(modules, faults.point("ref_phase", step)):  # tests only
-                self.stepper.reference_phase(step)
+                self.stepper.reference_phase(step, save=self.save_checkpoint)  # saves after w <- u
         with faults.poisoned(modules, faults.point("train_step", step)):  # tests only
             record = self.stepper.train_step(step)
         if record["kind"] == "train":
@@ -196,7 +194,8 @@ class Trainer:
         if cfg.train.eval_interval and (done % cfg.train.eval_interval == 0 or done == cfg.train.steps):
             self.evaluate(step)
         interval = cfg.checkpoint.interval
-        if interval and done % interval == 0:
+        phase_next = done < cfg.train.steps and schedule.reference_phase_before(cfg.selection, done)
+        if interval and done % interval == 0 and not phase_next:  # else the phase's sync checkpoint
             self.save_checkpoint(done)
         self.check_stop("step_end", step)
 
@@ -213,7 +212,11 @@ class Trainer:
             self.eval_pending = step if where == "eval_batch" else None
             self.save_checkpoint(step + 1)
             completed = step + 1
-        else:  # inside the reference phase: its partial work is dropped, the checkpoint before it stays
+        elif where == "ref_score":  # before the sync: the state before the phase (with w_prev) is saved
+            self.stepper.unscore()
+            self.save_checkpoint(step)
+            completed = step
+        else:  # after the sync: the partial phase is dropped, its sync checkpoint is the resume point
             completed = self.last_saved or 0
         self.log.log({"kind": "preempt", "step": completed - 1, "reason": reason, "where": where,
                       "checkpoint": self.last_path})

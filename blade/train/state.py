@@ -27,6 +27,7 @@ from blade.errors import CheckpointError, ConfigError
 from blade.runtime import checkpoint, reshard
 from blade.runtime.dist import barrier
 from blade.runtime.zero import full_shape
+from blade.train.pending_phase import saved_engines
 
 
 def collect(components: dict, method: str) -> dict:
@@ -73,7 +74,8 @@ def save(tr, completed: int) -> tuple[float, str]:
              "versions": {"torch": torch.__version__, "deepspeed": _deepspeed_version()}}
     mine = {"rank": tr.world.rank, "rng": checkpoint.rng_state(),
             "components": collect(components, "rank_state_dict")}
-    path = checkpoint.save(checkpoint.root(tr.cfg.run.dir), completed, tr.engines.by_name(), state, mine,
+    engines = saved_engines(tr.engines.by_name(), state["components"]["phase"])
+    path = checkpoint.save(checkpoint.root(tr.cfg.run.dir), completed, engines, state, mine,
                            tr.world.rank, tr.cfg.checkpoint.keep_last_n)
     seconds = time.perf_counter() - t0
     tr.log.log({"kind": "checkpoint", "step": completed - 1, "path": path, "save_time_s": seconds,
@@ -202,7 +204,8 @@ def _restore(tr, path: str) -> dict:
     if changes:
         tr.say("warning: the config differs from the checkpoint's, so the run will not continue "
                "bit-exactly: " + "; ".join(changes))
-    world, engines, components = tr.world, tr.engines.by_name(), tr.components()
+    world, components = tr.world, tr.components()
+    engines = saved_engines(tr.engines.by_name(), state["components"].get("phase", {}))
     if state["world_size"] == world.world_size:
         mine = _rank_from_format_1(checkpoint.load(path, engines, world.rank))
     else:

@@ -26,6 +26,7 @@ from blade.runtime.dist import all_reduce_sum
 from blade.runtime.timing import REF_PHASES, STEP_PHASES
 from blade.train import engines, schedule, selection
 from blade.train.batch import MicroBatch, to_micro_batch
+from blade.train.pending_phase import PendingPhase, PhaseCheckpoint
 
 
 @dataclass
@@ -62,6 +63,8 @@ class BladeStep:
         self.oracle = oracle  # blade/train/oracle.py: the exact bi-level choice, every exact_interval steps
         self.timer, self.log, self.stop, self.check_stop = timer, log, stop, check_stop
         self.scored = schedule.uses_reference(self.sel.strategy)  # rho1 / blade score with l(u) - l(w)
+        self.phase = PhaseCheckpoint()  # a checkpoint component: the phase a sync checkpoint is inside
+        self.before_scoring = None
 
     # ------------------------------------------------------------------ per-token losses
     def micro_batches(self, stream: str) -> list[MicroBatch]:
@@ -215,23 +218,32 @@ class BladeStep:
                 "step_time_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ the reference
-    def reference_phase(self, step: int) -> None:
-        """Sync w <- u, then K steps of CE(w; b_val) + lam * masked CE(w; b_tr); then w is frozen.
+    def reference_phase(self, step: int, save=None) -> None:
+        """Score the pool against w_prev, sync w <- u, `save(step)` (the loop's checkpoint: the
+        reference is u again and is left out of it, blade/train/pending_phase.py), then K steps of
+        CE(w; b_val) + lam * masked CE(w; b_tr); then w is frozen. A phase resumed from that checkpoint
+        skips to the sync with the saved masks.
 
         rho1 trains once, from the current proxy, on the target set alone (lam = 0)."""
         sel, twins, timer, t0 = self.sel, self.twins, self.timer, time.perf_counter()
         timer.reset()
         rho1 = sel.strategy == "rho1"
         k_steps = sel.rho1_ref_steps if rho1 else sel.k_ref_steps
-        pool, masks = [], []  # pool batches stay on the host: one is on the device at a time
-        if not rho1:  # masks come from the selection rule against the outgoing reference w_prev
-            for k in range(k_steps):
-                self.check_stop("ref_score", step, k)
-                pool.append(self.streams["ref_pool"].next_step())
-                mask = self.pool_mask(self.on_device(pool[-1]), tie_seed=(self.cfg.train.seed + 2, step * k_steps + k))
-                masks.append(mask.cpu())
+        pending = self.phase.pending
+        if pending is None:  # masks from the selection rule against the outgoing reference w_prev
+            pool, masks = self.score_pool(step, k_steps) if not rho1 else ([], [])
+        else:  # resumed from this phase's checkpoint: the same pool batches, the saved masks
+            assert pending.step == step, (pending.step, step)
+            pool, masks = [], []
+            if not rho1:
+                self.streams["ref_pool"].seek(pending.pool_start)
+                pool = [self.streams["ref_pool"].next_step() for _ in range(k_steps)]
+                masks = [pending.masks_for(batches) for batches in pool]
         with timer("sync"):
             engines.sync_reference(twins.proxy, twins.reference)
+        if pending is None and save is not None:
+            self.phase.pending = self.pending_phase(step, pool, masks)
+            save(step)
         # the proxy's scheduled LR, constant over the phase; past the proxy's warm-up, which a fresh
         # optimizer does not share (a sync at step 0 would otherwise train w at lr / warmup_steps)
         lr = engines.lr_at(self.cfg, max(step, self.cfg.optim.warmup_steps))
@@ -247,10 +259,36 @@ class BladeStep:
                                                None if rho1 else masks[k].to(self.world.device))
             self.stop.note(step_s=time.perf_counter() - t_step)
         twins.freeze_reference()
+        self.phase.pending = None
         self.log.log({"kind": "ref", "step": step, "strategy": sel.strategy, "ref_steps": k_steps,
                       "ref_lr": lr, "ref_final_loss": ref_loss,
                       "ref_nonfinite_skipped": self.counters.ref_nonfinite_skipped, **timer.record(REF_PHASES),
                       "ref_phase_time_s": time.perf_counter() - t0})
+
+    def score_pool(self, step: int, k_steps: int) -> tuple[list[list[dict]], list[torch.Tensor]]:
+        """The phase's K pool batches (kept on the host) and their masks. What the scoring changes (the
+        pool stream, the skip counter) is noted first: a stop inside it saves the state before the
+        phase (`unscore`)."""
+        self.before_scoring = (self.streams["ref_pool"].position, self.counters.ref_nonfinite_skipped)
+        pool, masks = [], []
+        for k in range(k_steps):
+            self.check_stop("ref_score", step, k)
+            pool.append(self.streams["ref_pool"].next_step())
+            mask = self.pool_mask(self.on_device(pool[-1]), tie_seed=(self.cfg.train.seed + 2, step * k_steps + k))
+            masks.append(mask.cpu())
+        return pool, masks
+
+    def unscore(self) -> None:
+        """Back to the state before the phase's scoring (a stop came inside it)."""
+        position, self.counters.ref_nonfinite_skipped = self.before_scoring
+        self.streams["ref_pool"].seek(position)
+
+    def pending_phase(self, step: int, pool: list[list[dict]], masks: list[torch.Tensor]) -> PendingPhase:
+        if not pool:  # rho1: no pool term
+            return PendingPhase(step, None, None, None)
+        positions = torch.cat([b["position"] for batches in pool for b in batches])
+        rows = torch.cat([m.view(positions.numel() // len(pool), -1) for m in masks])
+        return PendingPhase(step, self.before_scoring[0], positions, rows)
 
     def pool_mask(self, mbs: list[MicroBatch], tie_seed: tuple[int, int]) -> torch.Tensor:
         """The reference's mask on a pool batch: the top-gamma of l(u) - l(w_prev); every valid token
