@@ -240,10 +240,11 @@ def test_preemption_signals_checkpoint_and_exit_75(builtin_data, tmp_path, strai
     """SIGTERM on rank 1 in the middle of step 1, SIGUSR1 on rank 0 while the phase of step 3 scores its
     pool, SIGUSR1 on rank 0 inside the reference steps of step 6, SIGTERM on rank 1 between evaluation
     batches after step 7: every time both ranks agree, checkpoint and exit 75; resuming four times
-    reproduces the uninterrupted run."""
+    reproduces the uninterrupted run. Checkpoints every 3 steps fall on the syncs: they are the
+    syncs' own (after w <- u, without the reference)."""
     base = straight("blade")
     run_dir = str(tmp_path / "run")
-    args = ("selection.strategy=blade", INTERVAL, "checkpoint.resume=auto")
+    args = ("selection.strategy=blade", "checkpoint.interval=3", "checkpoint.resume=auto")
     ckpts = checkpoint.root(run_dir)
 
     assert launch(builtin_data, run_dir, *args, faults_spec="sigterm@train_step:1#1") == [75, 75], log_tail(run_dir)
