@@ -155,7 +155,8 @@ def cmd_bench(args) -> None:
         say = print if world.is_main else (lambda *a, **k: None)
         result = run_bench(path, overrides, world, strategies, args.warmup, args.steps, args.out,
                            measure_checkpoint=not args.no_checkpoint, memory_steps=args.memory_steps,
-                           command="blade " + " ".join(sys.argv[1:]), say=say, profile=args.profile)
+                           command="blade " + " ".join(sys.argv[1:]), say=say, profile=args.profile,
+                           anchor=args.anchor)
         if result is not None:
             print(f"wrote {args.out}/bench.json, report.md and breakdown.png")
             for t in result["targets"]:
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--steps", type=int, default=10, help="timed steps per strategy")
     pb.add_argument("--out", default="runs/bench", help="output directory")
     pb.add_argument("--no-checkpoint", action="store_true", help="do not time a checkpoint save")
+    pb.add_argument("--anchor", action="store_true", help="also step a plain torch DDP loop of the same model "
+                    "in the same rounds (the peer anchor) and report full / DDP")
     pb.add_argument("--profile", action="store_true", help="profile one extra step per strategy after the "
                     "timing: OUT/profile/STRATEGY_trace.json (Chrome/Perfetto) and STRATEGY_top_ops.txt")
     pb.add_argument("--memory-steps", type=int, default=3,

@@ -125,13 +125,50 @@ def test_collective_counter_sees_every_c10d_op():
 
 
 @pytest.mark.slow
+def _anchor_case(rank, world, cfg_overrides):
+    """One step of the peer anchor; returns its rank's tokens and the weights after the step."""
+    import torch
+
+    from blade.bench.anchor import DDPAnchor
+
+    cfg = load_config(TINY, cfg_overrides)
+    anchor = DDPAnchor(cfg, rank, "cpu", 16)
+    tokens = torch.randint(0, cfg.model.vocab_size, anchor.shape, generator=torch.Generator().manual_seed(rank))
+    anchor.step()
+    return tokens.tolist(), {k: v.tolist() for k, v in anchor.model.module.state_dict().items()}
+
+
+def test_ddp_anchor_is_the_single_process_step_on_the_global_batch():
+    """The anchor on 2 ranks takes the AdamW step of one process on both ranks' batches together (equal
+    batches: the mean of per-rank mean losses is the global mean)."""
+    import torch
+
+    from blade.model.transformer import Transformer
+    from blade.train.engines import param_groups
+
+    overrides = ["model.vocab_size=512", "train.micro_batch_size=2"]
+    ranks = run_distributed(_anchor_case, 2, args=(overrides,))
+    cfg = load_config(TINY, overrides)
+    o = cfg.optim
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    tokens = torch.tensor(ranks[0][0] + ranks[1][0])
+    model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    opt.step()
+    for name, value in model.state_dict().items():
+        for _, weights in ranks:
+            assert torch.allclose(torch.tensor(weights[name]), value, rtol=1e-5, atol=1e-6), name
+
+
 def test_bench_end_to_end_two_ranks(tmp_path, builtin_data):
     out_dir = tmp_path / "bench"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     overrides = tiny_overrides(builtin_data, str(tmp_path / "unused"), "selection.tau=5", "selection.k_ref_steps=1")
     out = subprocess.run(["bash", "launch/local.sh", "2", "--cmd", "bench", "-c", TINY, *overrides,
                           "--strategies", "full,blade", "--warmup", "1", "--steps", "2", "--memory-steps", "1",
-                          "--profile", "--out", str(out_dir)],
+                          "--profile", "--anchor", "--out", str(out_dir)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = json.loads((out_dir / "bench.json").read_text())
@@ -146,6 +183,11 @@ def test_bench_end_to_end_two_ranks(tmp_path, builtin_data):
     assert blade["memory"]["state_bytes"] > full["memory"]["state_bytes"] > 0
     assert 0 < full["mfu"] < 1 and result["meta"]["peak_flops"] > 0
     assert full["checkpoint"]["save_s"] > 0 and full["checkpoint"]["error"] is None
+    assert blade["checkpoint"]["save_s"] > 0 and blade["checkpoint"]["error"] is None  # its phase's, in place
+    # --anchor: the plain DDP loop stepped in the same rounds, and full / DDP among the targets
+    assert result["anchor"]["step_s"]["n"] == 2 and result["order"] == ["full", "blade", "ddp"]
+    anchor = [t for t in result["targets"] if "plain torch DDP" in t["target"]][0]
+    assert anchor["value"] == pytest.approx(full["step_s"]["median"] / result["anchor"]["step_s"]["median"])
     assert not (out_dir / "runs" / "blade" / "checkpoints").exists()  # cleaned up
     report = (out_dir / "report.md").read_text()
     assert "| full |" in report and "| blade |" in report and "## Targets" in report

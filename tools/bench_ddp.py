@@ -1,19 +1,15 @@
-"""The peer anchor of `blade bench`: a plain torch DDP training loop of blade's own model module
-(blade/model/transformer.py), on the same model, batch and precision, without DeepSpeed and without
-selection. What full cross-entropy in blade costs on top of plain training is its step time divided
-by this one (issue 15: goal <= 1.10 at ZeRO-1/2, <= 1.25 at ZeRO-3).
+"""The peer anchor of `blade bench` run alone: a plain torch DDP training loop of blade's own model
+(blade/bench/anchor.py: the loop and why it is the anchor), on the same model, batch and precision,
+without DeepSpeed and without selection. `blade bench --anchor` runs the same loop interleaved with
+the strategies, which is the comparison to trust on a shared machine (issue 15: full / DDP goal
+<= 1.10 at ZeRO-1/2, <= 1.25 at ZeRO-3).
 
     .venv/bin/python tools/bench_ddp.py -c configs/100m.yaml model.vocab_size=2048 model.max_seq_len=128 \
         train.micro_batch_size=2 [--ranks 2] [--seq-len 128] [--warmup 2] [--steps 6] [--out ddp.json]
 
-The loop, per step: forward under torch.autocast(bfloat16) when train.precision is bf16 (fp32 weights,
-as autocast wants them), the mean per-token loss, backward (DDP all-reduces the gradients in buckets,
-overlapped with the backward), gradient clipping at optim.grad_clip, torch.optim.AdamW (blade's
-parameter groups, betas, eps and weight decay; the fused kernel with optim.fused=true, as in blade),
-zero_grad. Ranks are gloo processes under torchrun with
-one thread each, like `launch/local.sh 2 --cmd bench`. Tokens are random (the time does not depend on
-them). A step's time is the slowest rank's, from a barrier to the end of the optimizer step; the tool
-prints the median and the p10-p90 range over the timed steps.
+Ranks are gloo processes under torchrun with one thread each, like `launch/local.sh 2 --cmd bench`. A
+step's time is the slowest rank's, from a barrier to the end of the optimizer step; the tool prints the
+median and the p10-p90 range over the timed steps.
 """
 from __future__ import annotations
 
@@ -31,41 +27,24 @@ TAG = "BENCH_DDP"
 
 
 def worker(config: str, overrides: list[str], seq_len: int, warmup: int, steps: int) -> None:
-    import contextlib
     import datetime
 
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
+    from blade.bench.anchor import DDPAnchor
     from blade.config import load_config
-    from blade.model.transformer import Transformer
-    from blade.train.engines import param_groups
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(config, overrides)
-    o, micro = cfg.optim, cfg.train.micro_batch_size
-    torch.manual_seed(cfg.train.seed)
-    model = DistributedDataParallel(Transformer(cfg.model))
-    opt = torch.optim.AdamW(param_groups(model.module, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                            eps=o.eps, fused=o.fused or None)
-    bf16 = cfg.train.precision == "bf16"
-    g = torch.Generator().manual_seed(rank)
+    anchor = DDPAnchor(cfg, rank, "cpu", seq_len)
     times = []
     for i in range(warmup + steps):
-        tokens = torch.randint(0, cfg.model.vocab_size, (micro, seq_len + 1), generator=g)
         dist.barrier()
         t0 = time.perf_counter()
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with autocast:
-            loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
-        loss.backward()
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        anchor.step()
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if i >= warmup:
@@ -74,9 +53,9 @@ def worker(config: str, overrides: list[str], seq_len: int, warmup: int, steps: 
         q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
         print(TAG + " " + json.dumps({
             "step_s": times, "median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[-1],
-            "ranks": world, "micro_batch_size": micro, "seq_len": seq_len, "precision": cfg.train.precision,
-            "params": model.module.num_params(), "fused_adamw": o.fused, "config": config,
-            "overrides": overrides}))
+            "ranks": world, "micro_batch_size": cfg.train.micro_batch_size, "seq_len": seq_len,
+            "precision": cfg.train.precision, "params": anchor.num_params(), "fused_adamw": cfg.optim.fused,
+            "config": config, "overrides": overrides}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -55,12 +55,15 @@ from blade.bench.report import (
     analytic_floor,
     check_targets,
     global_tokens_per_step,
+    spread,
     summarize_strategy,
     write_outputs,
 )
 from blade.config import STRATEGIES
 from blade.errors import BladeError
 from blade.runtime.timing import REF_PHASES
+
+ANCHOR = "ddp"  # the peer anchor's name in the rounds and in bench.json
 
 
 
@@ -76,7 +79,8 @@ def bench_overrides(strategy: str, run_dir: str) -> list[str]:
 
 def run_bench(config: str | None, overrides: list[str], world, strategies=STRATEGIES, warmup: int = 3,
               steps: int = 10, out: str = "runs/bench", measure_checkpoint: bool = True,
-              command: str = "", say=print, memory_steps: int = 3, profile: bool = False) -> dict | None:
+              command: str = "", say=print, memory_steps: int = 3, profile: bool = False,
+              anchor: bool = False) -> dict | None:
     """Run on every rank (the world is set up); returns the result on rank 0 (None elsewhere)."""
     from blade.config import load_config
     from blade.train import schedule
@@ -122,14 +126,23 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
         say(f"bench: built {name} (state {run.state_bytes / 2**20:.1f} MiB on rank {world.rank})")
 
     first = trainers[strategies[0]]
+    ddp = None
+    if anchor:  # the peer anchor, stepped in the same rounds (blade/bench/anchor.py)
+        from blade.bench.anchor import DDPAnchor
+
+        ddp = DDPAnchor(first.cfg, world.rank, world.device, first.datasets["train"].seq_len)
+        raw[ANCHOR] = StrategyRun(ANCHOR)
     loader = measure_loader(first)
     say(f"bench: data loader alone {loader['tokens_per_s']:,.0f} tokens/s")
 
     order = list(strategies)
+    timed = order + ([ANCHOR] if ddp else [])
     for _ in range(warmup - 1):
         for name in order:
             trainers[name].stepper.train_step(steps_done[name])
             steps_done[name] += 1
+    for _ in range(warmup if ddp else 0):
+        ddp.step()
 
     if "blade" in trainers:  # the sync under the collective counter, then one real reference phase
         from blade.train import engines
@@ -155,27 +168,32 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
         say(f"bench: blade reference phase {run.ref_phase_s:.3f} s, sync collectives {found['ops']}")
 
     for r in range(steps):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            tr, run = trainers[name], raw[name]
+        for name in timed[r % len(timed):] + timed[:r % len(timed)]:
+            run = raw[name]
             device_sync(world.device)
             barrier()
             if probe.during_timing:
                 start = probe.reset()
             t0 = time.perf_counter()
-            record = tr.stepper.train_step(steps_done[name])
+            if name == ANCHOR:
+                ddp.step()
+            else:
+                record = trainers[name].stepper.train_step(steps_done[name])
             device_sync(world.device)
             run.step_s.append(time.perf_counter() - t0)
             if probe.during_timing:
                 peak = probe.peak()
                 run.step_peak_bytes.append(max(0, peak - start))
                 run.process_peak_bytes = max(run.process_peak_bytes, peak)
+            if name == ANCHOR:
+                continue
             steps_done[name] += 1
             run.phases.append({k: v for k, v in record.items() if k.startswith("time_")})
             run.n_valid.append(record.get("n_valid", 0))
             run.n_selected.append(record.get("n_selected", 0))
             if "topk_rounds" in record:
                 run.rounds.append(record["topk_rounds"])
-            tr.log.log(record)
+            trainers[name].log.log(record)
         if main and (r + 1) % max(1, steps // 5) == 0:
             say(f"bench: {r + 1}/{steps} timed rounds")
 
@@ -229,7 +247,7 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
 
     seq_len = first.datasets["train"].seq_len
     peak = max(peak_start, peak_end)  # the higher of the two readings: the conservative MFU
-    result = {"meta": {}, "order": order, "loader": loader, "max_rounds": _max_rounds(),
+    result = {"meta": {}, "order": timed, "loader": loader, "max_rounds": _max_rounds(),
               "strategies": {}}
     for name in strategies:
         cfg = trainers[name].cfg
@@ -251,6 +269,10 @@ def run_bench(config: str | None, overrides: list[str], world, strategies=STRATE
         "peak_flops": peak, "peak_flops_start": peak_start, "peak_flops_end": peak_end, "peak_how": how,
         "memory_note": probe.note(), "bench_overrides": bench_overrides("STRATEGY", "OUT/runs/STRATEGY"),
     }
+    if ddp:
+        times = [max(g[ANCHOR].step_s[i] for g in gathered) for i in range(len(raw[ANCHOR].step_s))]
+        result["anchor"] = {"name": "plain torch DDP of blade's model and optimizer (blade/bench/anchor.py)",
+                            "step_s": spread(times)}
     result["targets"] = check_targets(result)
     result["profile"] = profiles
     result["raw"] = {name: {"step_s": [max(g[name].step_s[i] for g in gathered)
