@@ -114,6 +114,7 @@ for strategy in full blade; do
 done
 
 # ---------------------------------------------------------------- 5. bench
+FAILED=0
 bench() {  # bench NAME STRATEGIES GPU_S DRY_S [FLAG ...] -- [OVERRIDE ...]; *_S: about what it needs
   local name=$1 strategies=$2 need=$([ "$DRY" = 1 ] && echo "$4" || echo "$3") flags=() rc t=$SECONDS
   shift 4
@@ -128,6 +129,7 @@ bench() {  # bench NAME STRATEGIES GPU_S DRY_S [FLAG ...] -- [OVERRIDE ...]; *_S
     --strategies "$strategies" --warmup 2 --steps 5 --no-checkpoint --out "$WORK/$name" "${flags[@]}" \
     >"$WORK/logs/$name.log" 2>&1
   rc=$?
+  [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
   tail -n 12 "$WORK/logs/$name.log"
   echo "$name: exit $rc after $((SECONDS - t)) s" | tee -a "$WORK/runs.txt"
   pack
@@ -145,3 +147,4 @@ pack
 cat "$RESULTS/summary.md"
 say "done; results in $RESULTS: $(ls "$RESULTS" | tr '\n' ' ')"
 exec >&- 2>&-; wait "$TEE"  # the log is complete before the device tool collects RESULTS
+exit $(( FAILED > 0 ))  # 1 when a run failed (skipped ones do not count)
