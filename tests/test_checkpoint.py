@@ -279,6 +279,21 @@ def test_preemption_signals_checkpoint_and_exit_75(builtin_data, tmp_path, strai
     assert_same_run(base, run_dir)
 
 
+def test_a_sync_checkpoint_finishes_its_phase_whatever_the_schedule(builtin_data, tmp_path, straight):
+    """The straight blade run's checkpoint of step 6 is its sync checkpoint (no reference files). A resume
+    from it with another tau (a continuation, not bit-exact) still runs that phase first: the reference
+    is synced and trained before step 6 scores with it, with the same result as the straight run."""
+    base = straight("blade")
+    sync = os.path.join(checkpoint.root(base), "step_000006")
+    assert not os.path.exists(os.path.join(sync, "reference"))
+    run_dir = str(tmp_path / "run")
+    assert launch(builtin_data, run_dir, "selection.strategy=blade", "selection.tau=4",
+                  f"checkpoint.resume={sync}") == [0, 0], log_tail(run_dir)
+    ref = [r for r in records(run_dir) if r["kind"] == "ref"]
+    assert [r["step"] for r in ref] == [6]  # the pending phase (tau 4 would sync at 4 and 8)
+    assert ref[0] == [r for r in records(base) if r["kind"] == "ref" and r["step"] == 6][0]
+
+
 def test_external_sigterm_to_one_rank(builtin_data, tmp_path, straight):
     """A real signal from outside, as SLURM sends it: rank 0 pauses in step 3 (test hook) so that
     the test can SIGTERM rank 1 while it waits in a collective."""

@@ -172,7 +172,8 @@ class Trainer:
     def run_step(self, step: int) -> None:
         cfg, twins = self.cfg, self.engines
         modules = {"proxy": twins.proxy.module, "reference": twins.reference and twins.reference.module}
-        if schedule.reference_phase_before(cfg.selection, step):
+        # a resume from a sync checkpoint finishes that phase first, even if selection.tau changed
+        if schedule.reference_phase_before(cfg.selection, step) or self.stepper.phase.pending is not None:
             with faults.poisoned(modules, faults.point("ref_phase", step)):  # tests only
                 self.stepper.reference_phase(step, save=self.save_checkpoint)  # saves after w <- u
         with faults.poisoned(modules, faults.point("train_step", step)):  # tests only
