@@ -1,7 +1,8 @@
 """One step of the proxy, and the reference phase: Algorithm 1 of docs/algorithm.md, top to bottom.
 
     before steps W, W + tau, ...  reference_phase(): score K pool batches with u and the outgoing w,
-                                  w <- u (local shards), K steps of CE(w; b_val) + lam * masked CE(w; b_tr)
+                                  w <- u (local shards), the sync checkpoint (without w: it is u),
+                                  K steps of CE(w; b_val) + lam * masked CE(w; b_tr)
     every step                    train_step(): b ~ D_tr (one Frank-Wolfe block = the global batch)
                                   l_u = proxy per-token CE;  l_w = reference per-token CE (no grad)
                                   mask = exact global top-ceil(gamma * n_valid) of s = l_u - l_w
