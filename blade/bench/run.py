@@ -66,7 +66,6 @@ from blade.runtime.timing import REF_PHASES
 ANCHOR = "ddp"  # the peer anchor's name in the rounds and in bench.json
 
 
-
 def bench_overrides(strategy: str, run_dir: str) -> list[str]:
     """What the bench changes in the user's config for every strategy (documented in the report)."""
     return [f"selection.strategy={strategy}", f"run.dir={run_dir}", "logging.wandb=off",
