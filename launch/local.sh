@@ -11,6 +11,7 @@ if [ "${1:-}" = "--cmd" ]; then CMD=${2:?--cmd needs a subcommand (train, bench)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$([ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+. "$ROOT/launch/malloc.sh"; blade_preload_malloc "$DS_ACCELERATOR"   # tcmalloc on CPU (BLADE_MALLOC)
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   OMP_NUM_THREADS=$(( $(nproc) / N )); [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
   export OMP_NUM_THREADS

@@ -183,6 +183,10 @@ def test_bench_end_to_end_two_ranks(tmp_path, builtin_data):
     assert blade["memory"]["state_bytes"] > full["memory"]["state_bytes"] > 0
     assert 0 < full["mfu"] < 1 and result["meta"]["peak_flops"] > 0
     assert full["checkpoint"]["save_s"] > 0 and full["checkpoint"]["error"] is None
+    tcmalloc = subprocess.run(["bash", "-c", ". launch/malloc.sh; blade_find_tcmalloc"], cwd=ROOT).returncode == 0
+    assert result["meta"]["machine"]["malloc"] == ("tcmalloc" if tcmalloc else "glibc")  # launch/malloc.sh
+    steered = "tcmalloc decommitting freed pages" if tcmalloc else "glibc mallopt(M_MMAP_THRESHOLD"
+    assert steered in result["meta"]["memory_note"]  # the memory probe made the RSS follow the live tensors
     assert blade["checkpoint"]["save_s"] > 0 and blade["checkpoint"]["error"] is None  # its phase's, in place
     # --anchor: the plain DDP loop stepped in the same rounds, and full / DDP among the targets
     assert result["anchor"]["step_s"]["n"] == 2 and result["order"] == ["full", "blade", "ddp"]

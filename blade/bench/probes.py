@@ -1,6 +1,6 @@
 """What `blade bench` (blade/bench/run.py) reads from the machine and the processes: device sync, barrier
 and the reduction of one number over the ranks; the memory probe (CUDA allocator stats, or the process
-RSS with glibc's allocator set up for the CPU memory steps); the bytes of the tensors an engine holds;
+RSS with the C allocator told to return freed memory for the CPU memory steps); the bytes of the tensors an engine holds;
 the counter of collective ops; the device peak and the data loader alone; the load average and the
 description of the machine and the code. What the report makes of them: blade/bench/report.py.
 """
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from blade.model import flops
+from blade.runtime import malloc
 from blade.runtime.dist import all_reduce, barrier, free_port, rank_and_world
 
 
@@ -80,6 +81,7 @@ class MemoryProbe:
         self.cuda = _cuda(device)
         self.can_reset = self.cuda
         self.window_steps = 0
+        self.allocator, self.steered = "", False
         if not self.cuda:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
@@ -88,18 +90,29 @@ class MemoryProbe:
             except OSError:
                 self.can_reset = False
 
+    def _allocator_note(self) -> str:
+        """How the RSS was made to follow the live tensors, for the report."""
+        if not self.steered:
+            return (f"under {self.allocator}, which blade cannot tell to return freed memory: the RSS also "
+                    "holds what it caches, and the step figure is a LOWER bound")
+        if self.allocator == "tcmalloc":
+            return "with tcmalloc decommitting freed pages at once (aggressive_memory_decommit) so that " \
+                   "freed tensors leave the RSS"
+        return "with glibc mallopt(M_MMAP_THRESHOLD=64 KiB) and malloc_trim so that freed tensors leave the RSS"
+
     @property
     def during_timing(self) -> bool:
         """CUDA allocator stats cost nothing, so the timed steps measure memory too; on the CPU the
-        peak needs mmap-backed allocation (below), which doubled the 100M model's step time (page
+        peak needs freed memory returned to the OS at once (below), which doubled the 100M model's step time (page
         faults on every fresh activation), so separate untimed steps measure it after the timing."""
         return self.cuda
 
     def open_cpu_window(self, steps: int) -> None:
-        """From here on (the timing is over): glibc serves allocations over 64 KiB from mmap, and
-        returns what is freed, so the RSS follows the live tensors."""
+        """From here on (the timing is over) the allocator returns what is freed (blade/runtime/malloc.py),
+        so the RSS follows the live tensors."""
         self.window_steps = steps
-        _malloc_returns_freed_memory()
+        self.allocator = malloc.active_allocator()
+        self.steered = malloc.return_freed_memory()
 
     def current(self) -> int:
         if self.cuda:
@@ -112,7 +125,7 @@ class MemoryProbe:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return self.current()
-        _malloc_trim()  # freed heap pages leave the RSS; reusing them faults them in again (counted)
+        malloc.trim()  # freed heap pages leave the RSS; reusing them faults them in again (counted)
         if self.can_reset:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -138,33 +151,11 @@ class MemoryProbe:
         return state + (f"step = peak resident set size (RSS) of the rank's process during {self.window_steps} "
                         "extra untimed step(s) per strategy after the timing (VmHWM, reset before each step"
                         + ("" if self.can_reset else "; NOT reset here: /proc/self/clear_refs was not writable")
-                        + ") minus the RSS at its start (median over those steps), with glibc mallopt(M_MMAP_THRESHOLD=64 KiB) and "
-                        "malloc_trim so that freed tensors leave the RSS (that allocation mode doubles the step "
-                        "time of the 100M model, hence not during the timed steps); peak = state + step, one "
-                        "strategy's share of a process that holds every strategy's trainer at once (above the "
+                        + ") minus the RSS at its start (median over those steps), " + self._allocator_note()
+                        + " (that allocation mode doubles the step time of the 100M model under glibc, hence not "
+                        "during the timed steps); peak = state + step, one strategy's share of a process that holds "
+                        "every strategy's trainer at once (above the "
                         "interpreter and libraries).")
-
-
-def _malloc_returns_freed_memory() -> None:
-    """glibc: allocations above 64 KiB come from mmap and go back to the OS when freed."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD (also disables the dynamic threshold)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def resident_bytes(ptr: int, nbytes: int) -> int:
@@ -281,6 +272,7 @@ def machine_info(device: str) -> dict:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     info["memory_bytes"] = mem
+    info["malloc"] = malloc.active_allocator()
     if _cuda(device):
         name = torch.cuda.get_device_name()
         info["device_name"] = name
@@ -289,7 +281,8 @@ def machine_info(device: str) -> dict:
     else:
         info["device_name"] = f"CPU ({cpu})"
         info["description"] = (f"{cpu}, {os.cpu_count()} cores, {mem / 2**30:.0f} GiB RAM, no GPU"
-                               + (", AVX512-BF16" if info.get("cpu_bf16") else ""))
+                               + (", AVX512-BF16" if info.get("cpu_bf16") else "")
+                               + f", {info['malloc']} malloc")
     return info
 
 

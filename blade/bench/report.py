@@ -21,9 +21,10 @@ Definitions (all written into the report):
   baseline (interpreter, libraries). The step peak on CUDA: max_memory_allocated minus memory_allocated
   at the step's start, in the timed steps; on the CPU: the resident set size (VmHWM, reset before each
   step via /proc/self/clear_refs, minus the RSS at the start) in extra untimed steps after the timing
-  (`--memory-steps`), with glibc told to serve every allocation over 64 KiB by mmap and to trim its
-  heap, so that freed tensors leave the RSS (that mode makes every fresh activation page-fault: it
-  doubled the 100M model's step time, so it never runs during the timed steps).
+  (`--memory-steps`), with the C allocator told to return freed memory at once (glibc: every allocation
+  over 64 KiB by mmap and a trimmed heap; tcmalloc: aggressive decommit; blade/runtime/malloc.py), so
+  that freed tensors leave the RSS (that mode makes every fresh activation page-fault: it doubled the
+  100M model's step time under glibc, so it never runs during the timed steps).
 * breakdown: mean seconds per step of each phase timed inside the step (blade/runtime/timing.py), `rank_wait`
   = a barrier in front of the selection (the time this rank waits for slower ranks, which the first
   top-k all-reduce would absorb otherwise), `other` = the rest (count all-reduces, diagnostics, loss
