@@ -1,8 +1,9 @@
 """What `blade bench` (blade/bench/run.py) reads from the machine and the processes: device sync, barrier
 and the reduction of one number over the ranks; the memory probe (CUDA allocator stats, or the process
-RSS with the C allocator told to return freed memory for the CPU memory steps); the bytes of the tensors an engine holds;
-the counter of collective ops; the device peak and the data loader alone; the load average and the
-description of the machine and the code. What the report makes of them: blade/bench/report.py.
+RSS with the C allocator told to return freed memory for the CPU memory steps); the bytes of the tensors
+an engine holds; the counter of collective ops; the device peak and the data loader alone; the load
+average and the description of the machine and the code. What the report makes of them:
+blade/bench/report.py.
 """
 from __future__ import annotations
 
@@ -103,8 +104,9 @@ class MemoryProbe:
     @property
     def during_timing(self) -> bool:
         """CUDA allocator stats cost nothing, so the timed steps measure memory too; on the CPU the
-        peak needs freed memory returned to the OS at once (below), which doubled the 100M model's step time (page
-        faults on every fresh activation), so separate untimed steps measure it after the timing."""
+        peak needs freed memory returned to the OS at once (below), which doubled the 100M model's step
+        time under glibc (page faults on every fresh activation), so separate untimed steps measure it
+        after the timing."""
         return self.cuda
 
     def open_cpu_window(self, steps: int) -> None:
@@ -152,10 +154,9 @@ class MemoryProbe:
                         "extra untimed step(s) per strategy after the timing (VmHWM, reset before each step"
                         + ("" if self.can_reset else "; NOT reset here: /proc/self/clear_refs was not writable")
                         + ") minus the RSS at its start (median over those steps), " + self._allocator_note()
-                        + " (that allocation mode doubles the step time of the 100M model under glibc, hence not "
-                        "during the timed steps); peak = state + step, one strategy's share of a process that holds "
-                        "every strategy's trainer at once (above the "
-                        "interpreter and libraries).")
+                        + " (that allocation mode doubles the step time of the 100M model under glibc, hence "
+                        "not during the timed steps); peak = state + step, one strategy's share of a process "
+                        "that holds every strategy's trainer at once (above the interpreter and libraries).")
 
 
 def resident_bytes(ptr: int, nbytes: int) -> int:

@@ -42,8 +42,9 @@ def return_freed_memory() -> bool:
             libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD (also disables the dynamic threshold)
             libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
         elif allocator == "tcmalloc":
-            _tcmalloc().MallocExtension_SetNumericProperty(b"tcmalloc.aggressive_memory_decommit",
-                                                           ctypes.c_size_t(1))
+            if not _tcmalloc().MallocExtension_SetNumericProperty(b"tcmalloc.aggressive_memory_decommit",
+                                                                  ctypes.c_size_t(1)):
+                return False  # a tcmalloc without the property
         else:
             return False
     except (OSError, AttributeError):
