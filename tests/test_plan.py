@@ -53,6 +53,17 @@ def test_plan_parts_follow_the_zero_accounting():
     assert bf.reference_weights == 2 * P / 4
 
 
+def test_a_step_holds_the_forward_or_the_optimizer_temporaries_not_both():
+    """By the optimizer step the activations and gathered weights are freed (docs/benchmarks/
+    cpu-2core_2026-12-03b.md): the step's transient is the higher part, whichever it is."""
+    for micro, seq, ranks, larger in ((1, 8, 1, "optimizer_step"), (64, 64, 2, "forward")):
+        p = plan.plan(_cfg("deepspeed.zero_stage=2", f"train.micro_batch_size={micro}"), ranks, seq, gpu=False)
+        assert p.forward == p.activations + p.head + p.gathered
+        other = "forward" if larger == "optimizer_step" else "optimizer_step"
+        assert getattr(p, larger) > getattr(p, other) > 0
+        assert p.transient == getattr(p, larger) and p.step_peak == p.state + getattr(p, larger)
+
+
 def test_largest_micro_batch_is_the_budget_boundary():
     cfg = _cfg("selection.strategy=blade")
     at = lambda b: plan.plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=b)),  # noqa: E731

@@ -22,11 +22,13 @@ The parts (bytes per rank; N ranks, P parameters):
 - optimizer step: torch's foreach AdamW makes about three temporaries the size of the fp32 master
   partition.
 
-A step's transient is counted as the sum of these parts. That is conservative: a bare ZeRO-3 engine
-at ~100M on the CPU peaked in its forward (activations + gathered, within 2 % of the plan) and its
-optimizer step stayed below that, but inside the trainer `blade bench` measures about the sum (its
-step memory is 0.9-1.0 x the planned transient at 11M and 86M parameters). A reference phase adds the
-reference's training state. docs/benchmarks/ compares the plan with `blade bench`; tests/test_plan.py
+A step's transient is the higher of its forward parts (activations, head, gathered parameters) and the
+optimizer step's temporaries: by the optimizer step the activations and the gathered parameters are
+freed. A bare ZeRO-3 engine at ~100M peaked in its forward (within 2 % of the plan). Inside the trainer,
+`blade bench` under tcmalloc (launch/malloc.sh) and torch.profiler's count of the live tensors agree with
+that: 0.95-1.03 x the forward parts at 11M, 33M and 86M. Under glibc the bench's RSS read about the sum of
+all parts, more than the live tensors (docs/benchmarks/cpu-2core_2026-12-03b.md). A reference phase adds
+the reference's training state. docs/benchmarks/ compares the plan with `blade bench`; tests/test_plan.py
 checks the parts.
 """
 from __future__ import annotations
@@ -127,9 +129,15 @@ class Plan:
         return self.proxy_state + self.reference_weights + self.reduce_bucket
 
     @property
+    def forward(self) -> float:
+        """What the forward and backward hold at their peak: activations, logits chunk, gathered weights."""
+        return self.activations + self.head + self.gathered
+
+    @property
     def transient(self) -> float:
-        """What a training step adds on top of the state (`blade bench`'s step memory; module docstring)."""
-        return self.activations + self.head + self.gathered + self.optimizer_step
+        """What a training step adds on top of the state (`blade bench`'s step memory): the forward's
+        parts or, once they are freed, the optimizer step's temporaries, whichever is higher."""
+        return max(self.forward, self.optimizer_step)
 
     @property
     def step_peak(self) -> float:
@@ -202,8 +210,8 @@ def describe_plan(cfg: BladeConfig, world: int, budget: float | None, seq_len: i
              f"checkpointing {cfg.model.activation_checkpointing})", p.activations),
             ("head (one chunk of logits)", p.head),
             ("ZeRO-3 parameters kept gathered and prefetched", p.gathered),
-            ("optimizer step temporaries (foreach AdamW)", p.optimizer_step),
-            ("= peak of a training step", p.step_peak),
+            ("optimizer step temporaries (foreach AdamW; after the above are freed)", p.optimizer_step),
+            ("= peak of a training step (state + the higher of the two)", p.step_peak),
             ("+ a reference phase (its grads, master, moments, bucket)", p.reference_phase),
             ("= peak", p.peak)]
     lines = [f"plan: {p.parameters:,} parameters, {cfg.selection.strategy}, ZeRO-{cfg.deepspeed.zero_stage}, "
