@@ -30,3 +30,12 @@ def builtin_data(tmp_path_factory) -> str:
 def tiny_overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
     return [f"data.train={data_dir}/train", f"data.target={data_dir}/target", f"data.val={data_dir}/val",
             f"run.dir={run_dir}", "model.vocab_size=512", *extra]
+
+
+def tcmalloc_path() -> str:
+    """Where launch/malloc.sh finds libtcmalloc_minimal.so.4 ("" when it is not installed)."""
+    import subprocess
+
+    found = subprocess.run(["bash", "-c", ". launch/malloc.sh; blade_find_tcmalloc"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    return found.stdout.strip() if found.returncode == 0 else ""

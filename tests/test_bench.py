@@ -13,7 +13,7 @@ from blade.bench import report as bench_report
 from blade.config import load_config
 from blade.model import flops
 from blade.runtime.timing import PhaseTimer
-from tests.conftest import ROOT, TINY, tiny_overrides
+from tests.conftest import ROOT, TINY, tcmalloc_path, tiny_overrides
 from tests.dist_harness import run_distributed
 
 
@@ -183,7 +183,7 @@ def test_bench_end_to_end_two_ranks(tmp_path, builtin_data):
     assert blade["memory"]["state_bytes"] > full["memory"]["state_bytes"] > 0
     assert 0 < full["mfu"] < 1 and result["meta"]["peak_flops"] > 0
     assert full["checkpoint"]["save_s"] > 0 and full["checkpoint"]["error"] is None
-    tcmalloc = subprocess.run(["bash", "-c", ". launch/malloc.sh; blade_find_tcmalloc"], cwd=ROOT).returncode == 0
+    tcmalloc = bool(tcmalloc_path())
     assert result["meta"]["machine"]["malloc"] == ("tcmalloc" if tcmalloc else "glibc")  # launch/malloc.sh
     steered = "tcmalloc decommitting freed pages" if tcmalloc else "glibc mallopt(M_MMAP_THRESHOLD"
     assert steered in result["meta"]["memory_note"]  # the memory probe made the RSS follow the live tensors

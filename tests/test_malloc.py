@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from blade import ROOT
+from tests.conftest import tcmalloc_path
 
 
 def _bash(script: str, **env) -> subprocess.CompletedProcess:
@@ -16,10 +17,10 @@ def _bash(script: str, **env) -> subprocess.CompletedProcess:
 
 
 def _tcmalloc() -> str:
-    found = _bash("blade_find_tcmalloc")
-    if found.returncode:
+    lib = tcmalloc_path()
+    if not lib:
         pytest.skip("libtcmalloc_minimal.so.4 is not installed (apt-get install libtcmalloc-minimal4)")
-    return found.stdout.strip()
+    return lib
 
 
 RSS_AFTER_FREE = """
